@@ -1,0 +1,23 @@
+"""The configuration: ``powermail.toml`` loaded into typed, immutable objects."""
+
+from powermail.config._loader import (
+    Config,
+    ConfigError,
+    Listen,
+    MxSettings,
+    ServerSettings,
+    TlsSettings,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Listen",
+    "MxSettings",
+    "ServerSettings",
+    "TlsSettings",
+    "load_config",
+    "parse_config",
+]

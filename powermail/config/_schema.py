@@ -1,0 +1,82 @@
+"""Every configuration key PowerMail knows, with its type and default.
+
+This table is the one place where defaults are declared: the loader, the
+documentation of the limits and the embedded default all follow it.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Key", "SECTIONS", "MAILBOX_KEYS", "DOMAIN_KEYS", "MAILBOX_MODES"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: ``kind`` is int, str, bool, path, listen or list.
+
+    ``default`` may be a callable, evaluated when a file leaves the key out.
+    """
+
+    kind: str
+    default: Any
+    doc: str
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+def _fqdn() -> str:
+    return socket.getfqdn() or "localhost"
+
+SECTIONS: dict[str, dict[str, Key]] = {
+    "server": {
+        "hostname": Key("str", _fqdn, "name used in greetings and trace headers"),
+        "data_dir": Key("path", "var", "where mail and server state live"),
+        "recipient_delimiter": Key(
+            "str", "+", "alice+tag@ reaches alice@; empty to switch off"
+        ),
+        "reload_interval": Key(
+            "int", 1, "seconds between checks of this file for changes", 1, 5
+        ),
+    },
+    "tls": {
+        "certificate": Key("path", "", "PEM certificate chain; empty: self-signed"),
+        "private_key": Key("path", "", "PEM private key; empty: self-signed"),
+    },
+    "mx": {
+        "listen": Key("listen", ["127.0.0.1:25"], "addresses of the MX listener"),
+        "max_message_size": Key("int", 50 * MiB, "octets, advertised as SIZE", 1024),
+        "max_recipients": Key("int", 100, "recipients per message", 1, 100000),
+        "max_command_line": Key(
+            "int", 2048, "octets in a command line, CRLF included", 512, 65536
+        ),
+        "max_body_line": Key(
+            "int", 65536, "octets in a message line, CRLF excluded", 998, 16 * MiB
+        ),
+        "max_errors": Key("int", 20, "refused commands before hanging up", 1, 1000),
+        "max_connections": Key("int", 1000, "sessions at once", 1, 100000),
+        "max_connections_per_client": Key(
+            "int", 50, "sessions at once from one address", 1, 100000
+        ),
+        "idle_timeout": Key("int", 300, "seconds without a command", 1, 86400),
+        "session_timeout": Key("int", 1800, "seconds for a whole session", 1, 604800),
+    },
+}
+
+MAILBOX_MODES = ("local",)
+
+DOMAIN_KEYS: dict[str, Key] = {
+    "catch_all": Key("str", "", "mailbox that takes unknown local parts"),
+}
+
+MAILBOX_KEYS: dict[str, Key] = {
+    "mode": Key("str", "local", "local: stored here and read over IMAP"),
+    "password": Key("str", "", "argon2 hash made by `powermail mailbox passwd`"),
+}

@@ -1,0 +1,1 @@
+"""SMTP: the ESMTP protocol, its replies, and the MX policy."""

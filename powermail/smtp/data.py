@@ -1,0 +1,92 @@
+"""Reading the DATA stream: find its end, unstuff dots, judge every line.
+
+Only a line holding a single dot (``CRLF.CRLF``) ends the message.  Bare CR
+or LF, an overlong line and an oversized message do not end anything: they
+are noted, the rest of the message is read and thrown away, and the caller
+refuses it once its end has come.  Nothing in a body ever runs as a command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["BodyReader"]
+
+_CRLF = b"\r\n"
+_END_AT_START = b".\r\n"
+_END = b"\r\n.\r\n"
+
+
+class BodyReader:
+    """Consumes DATA bytes and hands the unstuffed message to ``write``.
+
+    ``feed`` returns ``None`` while the end is not reached, then the bytes
+    that followed the end (the next commands of a pipelining client).
+    After ``feed`` has found the end, ``problem`` is ``None`` for a good
+    message, else one of ``"size"``, ``"line"`` or ``"newline"``.
+    """
+
+    def __init__(
+        self, write: Callable[[bytes], None], *, max_size: int, max_line: int
+    ) -> None:
+        self._write = write
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0
+        self.too_big = False
+        self.line_too_long = False
+        self.bare_newline = False
+        self._partial = b""
+
+    @property
+    def problem(self) -> str | None:
+        if self.too_big:
+            return "size"
+        if self.line_too_long:
+            return "line"
+        if self.bare_newline:
+            return "newline"
+        return None
+
+    def feed(self, data: bytes) -> bytes | None:
+        # _partial always starts at the beginning of a line, so a dot line
+        # can be recognised at the start of buf as well as after a CRLF.
+        buf = self._partial + data if self._partial else data
+        if buf.startswith(_END_AT_START):
+            self._partial = b""
+            return buf[3:]
+        end = buf.find(_END)
+        if end >= 0:
+            self._take(buf[: end + 2])
+            self._partial = b""
+            return buf[end + 5 :]
+        last = buf.rfind(_CRLF)
+        if last >= 0:
+            self._take(buf[: last + 2])
+            rest = buf[last + 2 :]
+        else:
+            rest = buf
+        if len(rest) > self.max_line + 1:
+            # A line this long is refused anyway: keep only what can still
+            # matter, its first octet (not a dot line) and a trailing CR.
+            self.line_too_long = True
+            rest = b"x" + rest[-1:]
+        self._partial = rest
+        return None
+
+    def _take(self, lines: bytes) -> None:
+        """Check and pass on complete lines, each ending in CRLF."""
+        crlf = lines.count(_CRLF)
+        if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+            self.bare_newline = True
+        if lines.startswith(b".") or b"\r\n." in lines:
+            lines = (_CRLF + lines).replace(b"\r\n.", _CRLF)[2:]
+        if not self.line_too_long and len(lines) - 2 * crlf > self.max_line:
+            longest = max(map(len, lines.split(_CRLF)))
+            if longest > self.max_line:
+                self.line_too_long = True
+        self.size += len(lines)
+        if self.size > self.max_size:
+            self.too_big = True
+        if self.problem is None:
+            self._write(lines)

@@ -1,0 +1,1 @@
+"""Durable mail storage: Maildir delivery (and, later, Maildir++ folders)."""

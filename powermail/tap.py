@@ -1,0 +1,127 @@
+"""``twistd powermail``: options, and the service tree built from the config.
+
+Nothing is built at import time; ``makeService`` assembles one MultiService
+with a child per listener and per timer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from powermail.config import Config, ConfigError, Listen, load_config
+from powermail.config.watcher import ConfigWatcher, RunningConfig
+from powermail.smtp.mx import MxPolicy
+from powermail.smtp.protocol import SmtpFactory, SmtpLimits
+from powermail.storage.maildir import MaildirStore
+from powermail.tls import ensure_self_signed, server_tls_options
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Options of ``twistd powermail``."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Runs PowerMail: the MX listener delivering into local Maildirs. "
+        "Everything else is set in the TOML configuration file."
+    )
+    optParameters = [
+        ["config", "c", "conf/powermail.toml", "configuration file (TOML)"],
+    ]
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
+        # A broken configuration must stop the start with one clear line,
+        # not twistd's usage text: report and exit here.
+        try:
+            config = load_config(self["config"])
+            self["tls_options"] = _tls_options(config)
+            config.server.data_dir.mkdir(parents=True, exist_ok=True)
+        except ConfigError as exc:
+            sys.stderr.write(f"powermail: {exc}\n")
+            raise SystemExit(1) from None
+        except OSError as exc:
+            sys.stderr.write(
+                f"powermail: {config.path}: server.data_dir: {exc.strerror}: "
+                f"{exc.filename}\n"
+            )
+            raise SystemExit(1) from None
+        self["loaded"] = config
+
+
+def _tls_options(config: Config):
+    tls = config.tls
+    if tls.certificate is None:
+        try:
+            cert, key = ensure_self_signed(
+                config.server.data_dir / "tls", config.server.hostname
+            )
+        except OSError as exc:
+            raise ConfigError(
+                config.path, "server.data_dir", f"cannot write TLS files: {exc}"
+            ) from None
+    else:
+        cert, key = tls.certificate, tls.private_key
+    try:
+        return server_tls_options(Path(cert), Path(key))
+    except ValueError as exc:
+        raise ConfigError(config.path, "tls.certificate", str(exc)) from None
+
+
+def _limits(config: Config) -> SmtpLimits:
+    mx = config.mx
+    return SmtpLimits(
+        max_message_size=mx.max_message_size,
+        max_recipients=mx.max_recipients,
+        max_command_line=mx.max_command_line,
+        max_body_line=mx.max_body_line,
+        max_errors=mx.max_errors,
+        max_connections=mx.max_connections,
+        max_connections_per_client=mx.max_connections_per_client,
+        idle_timeout=mx.idle_timeout,
+        session_timeout=mx.session_timeout,
+    )
+
+
+def _endpoint(reactor, listen: Listen):
+    kind = endpoints.TCP6ServerEndpoint if listen.is_ipv6 else endpoints.TCP4ServerEndpoint
+    return kind(reactor, listen.port, backlog=128, interface=listen.host)
+
+
+def makeService(options: Options) -> service.MultiService:  # noqa: N802
+    """Build every PowerMail service from the loaded configuration."""
+    from twisted.internet import reactor
+
+    config: Config = options["loaded"]
+    running = RunningConfig(config)
+    top = service.MultiService()
+
+    store = MaildirStore(config.server.data_dir / "mail")
+    policy = MxPolicy(directory=lambda: running.current.directory, store=store)
+    factory = SmtpFactory(
+        policy=policy,
+        limits=_limits(config),
+        hostname=lambda: running.current.server.hostname,
+        clock=reactor,
+        tls_options=options["tls_options"],
+    )
+
+    def apply_limits(new: Config) -> None:
+        factory.limits = _limits(new)
+
+    running.subscribe(apply_limits)
+    for listen in config.mx.listen:
+        mx = StreamServerEndpointService(_endpoint(reactor, listen), factory)
+        mx.setName(f"mx {listen}")
+        mx.setServiceParent(top)
+
+    watcher = ConfigWatcher(running, clock=reactor)
+    watcher.setName("config watcher")
+    watcher.setServiceParent(top)
+    return top
