@@ -32,7 +32,7 @@ class Options(usage.Options):
         "Runs PowerMail: the MX listener delivering into local Maildirs. "
         "Everything else is set in the TOML configuration file."
     )
-    optParameters = [
+    optParameters = [  # noqa: N815 (Twisted's name)
         ["config", "c", "conf/powermail.toml", "configuration file (TOML)"],
     ]
 
@@ -90,7 +90,9 @@ def _limits(config: Config) -> SmtpLimits:
 
 
 def _endpoint(reactor, listen: Listen):
-    kind = endpoints.TCP6ServerEndpoint if listen.is_ipv6 else endpoints.TCP4ServerEndpoint
+    kind = (
+        endpoints.TCP6ServerEndpoint if listen.is_ipv6 else endpoints.TCP4ServerEndpoint
+    )
     return kind(reactor, listen.port, backlog=128, interface=listen.host)
 
 

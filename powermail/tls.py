@@ -30,7 +30,7 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -39,7 +39,9 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -74,7 +76,10 @@ def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOption
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"cannot load certificate or key: {exc}") from None
     leaf, *extra = (crypto.X509.from_cryptography(c) for c in certificates)
-    if leaf.to_cryptography().public_key().public_numbers() != key.public_key().public_numbers():
+    if (
+        leaf.to_cryptography().public_key().public_numbers()
+        != key.public_key().public_numbers()
+    ):
         raise ValueError("the private key does not match the certificate")
     return ssl.CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),

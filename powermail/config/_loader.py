@@ -62,7 +62,9 @@ class Listen:
         return ":" in self.host
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+        return (
+            f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+        )
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,9 @@ class _Reader:
 
     def listen(self, where: str, value: Any) -> Listen:
         if not isinstance(value, str):
-            raise self.error(where, f"must be a string 'host:port', not {_type_name(value)}")
+            raise self.error(
+                where, f"must be a string 'host:port', not {_type_name(value)}"
+            )
         host, sep, port_text = value.rpartition(":")
         if not sep or not port_text.isdigit():
             raise self.error(where, f"{value!r} is not 'host:port'")
@@ -186,7 +190,9 @@ def _type_name(value: Any) -> str:
         float: "a number",
         str: "a string",
         list: "a list",
-    }.get(type(value), "a table" if isinstance(value, Mapping) else type(value).__name__)
+    }.get(
+        type(value), "a table" if isinstance(value, Mapping) else type(value).__name__
+    )
 
 
 def load_config(path: str | Path) -> Config:
@@ -215,9 +221,13 @@ def parse_config(text: str, path: str | Path) -> Config:
     known = set(SECTIONS) | {"domains", "mailboxes", "aliases"}
     for key in document:
         if key not in known:
-            raise reader.error(key, f"unknown section (known: {', '.join(sorted(known))})")
+            raise reader.error(
+                key, f"unknown section (known: {', '.join(sorted(known))})"
+            )
 
-    server = reader.section("server", SECTIONS["server"], document.get("server"), "server")
+    server = reader.section(
+        "server", SECTIONS["server"], document.get("server"), "server"
+    )
     tls = reader.section("tls", SECTIONS["tls"], document.get("tls"), "tls")
     mx = reader.section("mx", SECTIONS["mx"], document.get("mx"), "mx")
 
@@ -225,11 +235,15 @@ def parse_config(text: str, path: str | Path) -> Config:
     if server.data_dir is None:
         raise reader.error("server.data_dir", "must not be empty")
     if server.recipient_delimiter and len(server.recipient_delimiter) != 1:
-        raise reader.error("server.recipient_delimiter", "must be one character or empty")
+        raise reader.error(
+            "server.recipient_delimiter", "must be one character or empty"
+        )
     try:
         normalise_domain(server.hostname)
     except AddressError as exc:
-        raise reader.error("server.hostname", f"{server.hostname!r}: {exc.reason}") from None
+        raise reader.error(
+            "server.hostname", f"{server.hostname!r}: {exc.reason}"
+        ) from None
 
     tls = TlsSettings(**tls)
     _check_tls(reader, tls)
@@ -243,8 +257,13 @@ def parse_config(text: str, path: str | Path) -> Config:
 def _check_tls(reader: _Reader, tls: TlsSettings) -> None:
     if (tls.certificate is None) != (tls.private_key is None):
         missing = "tls.private_key" if tls.private_key is None else "tls.certificate"
-        raise reader.error(missing, "give both tls.certificate and tls.private_key, or neither")
-    for key, path in (("tls.certificate", tls.certificate), ("tls.private_key", tls.private_key)):
+        raise reader.error(
+            missing, "give both tls.certificate and tls.private_key, or neither"
+        )
+    for key, path in (
+        ("tls.certificate", tls.certificate),
+        ("tls.private_key", tls.private_key),
+    ):
         if path is not None and not path.is_file():
             raise reader.error(key, f"{path}: no such file")
 
@@ -255,7 +274,9 @@ def _check_ports(reader: _Reader, listeners: Mapping[str, tuple[Listen, ...]]) -
         for index, listen in enumerate(addresses):
             where = f"{key}[{index}]"
             if listen.port in seen:
-                raise reader.error(where, f"port {listen.port} is already used by {seen[listen.port]}")
+                raise reader.error(
+                    where, f"port {listen.port} is already used by {seen[listen.port]}"
+                )
             seen[listen.port] = where
 
 
@@ -271,7 +292,9 @@ def _address(reader: _Reader, where: str, text: Any) -> Address:
     return address
 
 
-def _read_directory(reader: _Reader, document: Mapping[str, Any], delimiter: str) -> Directory:
+def _read_directory(
+    reader: _Reader, document: Mapping[str, Any], delimiter: str
+) -> Directory:
     domains: dict[str, Domain] = {}
     catch_alls: dict[str, tuple[str, Address]] = {}
     for name, raw in reader.table(document.get("domains", {}), "domains").items():
@@ -286,7 +309,9 @@ def _read_directory(reader: _Reader, document: Mapping[str, Any], delimiter: str
         if settings["catch_all"]:
             catch_all = _address(reader, f"{where}.catch_all", settings["catch_all"])
             if catch_all.domain != domain:
-                raise reader.error(f"{where}.catch_all", "must be a mailbox of this domain")
+                raise reader.error(
+                    f"{where}.catch_all", "must be a mailbox of this domain"
+                )
             catch_alls[domain] = (f"{where}.catch_all", catch_all)
         domains[domain] = Domain(domain)
     if not domains:
@@ -297,11 +322,15 @@ def _read_directory(reader: _Reader, document: Mapping[str, Any], delimiter: str
         where = f'mailboxes."{text}"'
         address = _mailbox_address(reader, where, text, domains)
         if address.key in mailboxes:
-            raise reader.error(where, f"duplicate mailbox (same as {mailboxes[address.key].address})")
+            raise reader.error(
+                where, f"duplicate mailbox (same as {mailboxes[address.key].address})"
+            )
         settings = reader.section(where, MAILBOX_KEYS, raw, where)
         if settings["mode"] not in MAILBOX_MODES:
             allowed = ", ".join(MAILBOX_MODES)
-            raise reader.error(f"{where}.mode", f"{settings['mode']!r} is not one of: {allowed}")
+            raise reader.error(
+                f"{where}.mode", f"{settings['mode']!r} is not one of: {allowed}"
+            )
         password = settings["password"] or None
         if password is not None and not is_password_hash(password):
             raise reader.error(
@@ -326,7 +355,9 @@ def _read_directory(reader: _Reader, document: Mapping[str, Any], delimiter: str
         for index, target in enumerate(targets):
             target_address = _address(reader, f"{where}[{index}]", target)
             if target_address.domain not in domains:
-                raise reader.error(f"{where}[{index}]", f"{target} is not in a configured domain")
+                raise reader.error(
+                    f"{where}[{index}]", f"{target} is not in a configured domain"
+                )
             keys.append(target_address.key)
         aliases[address.key] = tuple(keys)
 
@@ -353,7 +384,7 @@ def _read_directory(reader: _Reader, document: Mapping[str, Any], delimiter: str
             if directory.expand(key) is None:
                 raise reader.error(
                     f'domains."{domain}"',
-                    f"{key} must be a mailbox or an alias to one (add aliases.\"{key}\")",
+                    f'{key} must be a mailbox or an alias to one (add aliases."{key}")',
                 )
     return directory
 

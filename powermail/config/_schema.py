@@ -35,6 +35,7 @@ class Key:
 def _fqdn() -> str:
     return socket.getfqdn() or "localhost"
 
+
 SECTIONS: dict[str, dict[str, Key]] = {
     "server": {
         "hostname": Key("str", _fqdn, "name used in greetings and trace headers"),

@@ -67,7 +67,9 @@ def reply_for_failure(failure: Failure, *, msg_id: str | None = None) -> Reply:
     if failure.check(SmtpError):
         return failure.value.reply
     if failure.check(OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
-        _log.error("disk full storing {msg_id}: {error}", msg_id=msg_id, error=failure.value)
+        _log.error(
+            "disk full storing {msg_id}: {error}", msg_id=msg_id, error=failure.value
+        )
         return replies.DISK_FULL
     _log.failure("unexpected error for {msg_id}", failure, msg_id=msg_id)
     return replies.TEMPORARY_FAILURE
@@ -107,7 +109,9 @@ class SmtpServerProtocol(protocol.Protocol):
             self._close()
             return
         clock = self.factory.clock
-        self._idle_timer = clock.callLater(self.limits.idle_timeout, self._timeout, replies.IDLE_TIMEOUT)
+        self._idle_timer = clock.callLater(
+            self.limits.idle_timeout, self._timeout, replies.IDLE_TIMEOUT
+        )
         self._session_timer = clock.callLater(
             self.limits.session_timeout, self._timeout, replies.SESSION_TIMEOUT
         )
@@ -210,7 +214,11 @@ class SmtpServerProtocol(protocol.Protocol):
         self._send(reply)
         # A recipient over the limit is the client's cue to send the rest
         # in another transaction, not a fault to count.
-        if not reply.is_error or verb == "DATA-END" or reply is replies.TOO_MANY_RECIPIENTS:
+        if (
+            not reply.is_error
+            or verb == "DATA-END"
+            or reply is replies.TOO_MANY_RECIPIENTS
+        ):
             return
         _log.warn(
             "refused {verb} from {peer}: {code} {status} {text}",
@@ -252,7 +260,12 @@ class SmtpServerProtocol(protocol.Protocol):
 
     def _greet(self, argument: str, *, esmtp: bool) -> Reply:
         verb = "EHLO" if esmtp else "HELO"
-        if not argument or " " in argument or len(argument) > 255 or not argument.isprintable():
+        if (
+            not argument
+            or " " in argument
+            or len(argument) > 255
+            or not argument.isprintable()
+        ):
             return replies.SYNTAX_HELO.format(verb=verb)
         self.session.helo = argument
         self.session.esmtp = esmtp
@@ -261,7 +274,9 @@ class SmtpServerProtocol(protocol.Protocol):
         if not esmtp:
             return Reply(250, "", hostname)
         lines = [f"{hostname} Hello {argument} [{self.session.peer_ip}]"]
-        lines += [x.format(size=self.limits.max_message_size) for x in _EXTENSIONS_WITHOUT_TLS]
+        lines += [
+            x.format(size=self.limits.max_message_size) for x in _EXTENSIONS_WITHOUT_TLS
+        ]
         if not self.session.tls and self.factory.tls_options is not None:
             lines.insert(-1, "STARTTLS")
         return Reply(250, "", "\n".join(lines))
@@ -351,7 +366,9 @@ class SmtpServerProtocol(protocol.Protocol):
         limit = self.limits.max_message_size
         if envelope.declared_size is not None and envelope.declared_size > limit:
             return replies.SIZE_DECLARED_TOO_BIG.format(limit=limit)
-        d = defer.maybeDeferred(self.factory.policy.check_sender, self.session, envelope)
+        d = defer.maybeDeferred(
+            self.factory.policy.check_sender, self.session, envelope
+        )
         d.addCallback(self._sender_accepted, envelope)
         return d
 
@@ -383,7 +400,13 @@ class SmtpServerProtocol(protocol.Protocol):
         d = defer.maybeDeferred(
             self.factory.policy.check_recipient, self.session, envelope, address
         )
-        d.addCallbacks(self._recipient_accepted, self._recipient_refused, (envelope,), None, (envelope,))
+        d.addCallbacks(
+            self._recipient_accepted,
+            self._recipient_refused,
+            (envelope,),
+            None,
+            (envelope,),
+        )
         return d
 
     def _recipient_accepted(self, recipient: Any, envelope: Envelope) -> Reply:
@@ -402,7 +425,11 @@ class SmtpServerProtocol(protocol.Protocol):
         if envelope is None:
             return replies.NEED_MAIL
         if not envelope.recipients:
-            return replies.NO_VALID_RECIPIENTS if envelope.refused_recipients else replies.NEED_RCPT
+            return (
+                replies.NO_VALID_RECIPIENTS
+                if envelope.refused_recipients
+                else replies.NEED_RCPT
+            )
         self._msg_id = new_message_id()
         self._sink = self.factory.policy.begin_message(self.session, envelope)
         self._sink.write(self._trace_headers(envelope))
@@ -416,7 +443,9 @@ class SmtpServerProtocol(protocol.Protocol):
 
     def _trace_headers(self, envelope: Envelope) -> bytes:
         session = self.session
-        kind = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
+        kind = (
+            "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
+        )
         if session.tls:
             kind += "S"
         recipients = envelope.recipients
@@ -432,7 +461,12 @@ class SmtpServerProtocol(protocol.Protocol):
         )
 
     def _end_of_data(self) -> None:
-        body, sink, envelope, msg_id = self._body, self._sink, self.envelope, self._msg_id
+        body, sink, envelope, msg_id = (
+            self._body,
+            self._sink,
+            self.envelope,
+            self._msg_id,
+        )
         self._body = None
         self._sink = None
         self.envelope = None
@@ -441,8 +475,12 @@ class SmtpServerProtocol(protocol.Protocol):
         if problem is not None:
             sink.abort()
             reply = {
-                "size": replies.MESSAGE_TOO_BIG.format(limit=self.limits.max_message_size),
-                "line": replies.BODY_LINE_TOO_LONG.format(limit=self.limits.max_body_line),
+                "size": replies.MESSAGE_TOO_BIG.format(
+                    limit=self.limits.max_message_size
+                ),
+                "line": replies.BODY_LINE_TOO_LONG.format(
+                    limit=self.limits.max_body_line
+                ),
                 "newline": replies.BARE_NEWLINE,
             }[problem]
             _log.warn(
@@ -474,7 +512,9 @@ class SmtpServerProtocol(protocol.Protocol):
         return replies.QUEUED.format(msg_id=msg_id)
 
 
-def _split_path(argument: str, keyword: str) -> tuple[str | None, dict[str, str | None]]:
+def _split_path(
+    argument: str, keyword: str
+) -> tuple[str | None, dict[str, str | None]]:
     """Split ``FROM:<path> PARAM=VALUE ...``; ``None`` for a malformed one.
 
     A space after the colon is tolerated, as most servers do; a path without

@@ -104,7 +104,9 @@ SIZE_DECLARED_TOO_BIG = Reply(
     552, "5.3.4", "Message size exceeds the limit of {limit} octets"
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the limit of {limit} octets")
-BARE_NEWLINE = Reply(554, "5.6.0", "Message refused: bare CR or LF, lines must end in CRLF")
+BARE_NEWLINE = Reply(
+    554, "5.6.0", "Message refused: bare CR or LF, lines must end in CRLF"
+)
 BODY_LINE_TOO_LONG = Reply(
     554, "5.6.0", "Message refused: a line is longer than {limit} octets"
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 __all__ = ["new_message_id", "received_header", "return_path_header"]
@@ -48,7 +48,7 @@ def received_header(
     ESMTPS, UTF8SMTPS...); ``tls`` a short description of the TLS session.
     """
     literal = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
-    when = format_datetime(now or datetime.now(timezone.utc))
+    when = format_datetime(now or datetime.now(UTC))
     lines = [f"Received: from {helo} ([{literal}])"]
     by = f"\tby {hostname} (PowerMail) with {protocol} id {msg_id}"
     if tls:

@@ -137,7 +137,9 @@ class MaildirDelivery:
                 target = maildir / "new" / name
                 _link_or_copy(self.tmp_path, target)
                 paths.append(target)
-            for folder in dict.fromkeys([*self._to_sync, *(m / "new" for m in self.maildirs)]):
+            for folder in dict.fromkeys(
+                [*self._to_sync, *(m / "new" for m in self.maildirs)]
+            ):
                 fsync_directory(folder)
         except BaseException:
             for path in paths:
