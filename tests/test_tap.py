@@ -109,7 +109,7 @@ listen = ["127.0.0.1:{port}"]
         (
             (
                 'listen = ["127.0.0.1:{port}"]',
-                'listen = ["127.0.0.1:{port}", "127.0.0.2:{port}"]',
+                'listen = ["127.0.0.1:{port}", "0.0.0.0:{port}"]',
             ),
             "mx.listen[1]",
             "port {port} is already used by mx.listen[0]",

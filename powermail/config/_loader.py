@@ -269,15 +269,24 @@ def _check_tls(reader: _Reader, tls: TlsSettings) -> None:
 
 
 def _check_ports(reader: _Reader, listeners: Mapping[str, tuple[Listen, ...]]) -> None:
-    seen: dict[int, str] = {}
+    """Refuse two listeners that would bind the same address and port.
+
+    A wildcard (0.0.0.0 or ::) takes the port on every address, so it
+    conflicts with any other listener on that port.
+    """
+    seen: list[tuple[Listen, str]] = []
     for key, addresses in listeners.items():
         for index, listen in enumerate(addresses):
             where = f"{key}[{index}]"
-            if listen.port in seen:
-                raise reader.error(
-                    where, f"port {listen.port} is already used by {seen[listen.port]}"
-                )
-            seen[listen.port] = where
+            for other, other_where in seen:
+                wildcard = {listen.host, other.host} & {"0.0.0.0", "::"}
+                if other.port == listen.port and (
+                    other.host == listen.host or wildcard
+                ):
+                    raise reader.error(
+                        where, f"port {listen.port} is already used by {other_where}"
+                    )
+            seen.append((listen, where))
 
 
 def _address(reader: _Reader, where: str, text: Any) -> Address:

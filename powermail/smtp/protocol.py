@@ -260,10 +260,12 @@ class SmtpServerProtocol(protocol.Protocol):
 
     def _greet(self, argument: str, *, esmtp: bool) -> Reply:
         verb = "EHLO" if esmtp else "HELO"
+        # The name goes into the Received header: printable ASCII only.
         if (
             not argument
             or " " in argument
             or len(argument) > 255
+            or not argument.isascii()
             or not argument.isprintable()
         ):
             return replies.SYNTAX_HELO.format(verb=verb)
