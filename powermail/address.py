@@ -115,6 +115,9 @@ def normalise_domain(domain: str) -> str:
 
 def _parse_literal(text: str) -> str:
     inner = text[1:-1]
+    # Python's parser takes a "%scope" suffix of any text; a literal has none.
+    if "%" in inner:
+        raise AddressError("invalid address literal")
     if inner.lower().startswith("ipv6:"):
         try:
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"

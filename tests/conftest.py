@@ -33,3 +33,21 @@ def powermail(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def limited(tmp_path):
+    """Start servers whose [mx] section gets extra lines (limits under test)."""
+    servers = []
+
+    def start(mx_extra: str) -> PowerMail:
+        server = PowerMail(
+            write_config(tmp_path / f"s{len(servers)}", mx_extra=mx_extra)
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

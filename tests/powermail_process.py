@@ -39,6 +39,7 @@ def free_port() -> int:
 def write_config(directory: Path, *, mx_extra: str = "", extra: str = "") -> Path:
     """A test configuration: example.test with alice, bob and a UTF-8 user."""
     port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "powermail.toml"
     path.write_text(
         f"""\

@@ -13,6 +13,7 @@ syntax, sequence and limits.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,9 @@ __all__ = ["SmtpFactory", "SmtpLimits", "SmtpServerProtocol", "reply_for_failure
 _log = Logger()
 
 _CRLF = b"\r\n"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Seconds a closing connection may take to send its last reply.
+CLOSE_GRACE = 10
 _EXTENSIONS_WITHOUT_TLS = (
     "PIPELINING",
     "SIZE {size}",
@@ -93,19 +97,29 @@ class SmtpServerProtocol(protocol.Protocol):
         self._msg_id: str | None = None
         self._idle_timer: Any = None
         self._session_timer: Any = None
+        self._abort_timer: Any = None
+        # Why input is not being read: "work" (a reply is pending), "output"
+        # (the client is not reading its replies).
+        self._holds: set[str] = set()
+        self._discard_input = False
 
     # Twisted's Protocol interface.
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # As a producer of replies, the session is told when its client stops
+        # reading; it then stops reading too, so nothing piles up in memory.
+        self.transport.registerProducer(self, True)
         refusal = self.factory.admit(self)
         if refusal is not None:
+            refusal = refusal.format(hostname=self.factory.hostname)
             _log.warn(
-                "refused connection from {peer}: {code} {status}",
+                "refused connection from {peer}: {code} {status} {text}",
                 peer=self.session.peer,
                 code=refusal.code,
                 status=refusal.status,
+                text=refusal.text,
             )
-            self._send(refusal.format(hostname=self.factory.hostname))
+            self._send(refusal)
             self._close()
             return
         clock = self.factory.clock
@@ -115,7 +129,6 @@ class SmtpServerProtocol(protocol.Protocol):
         self._session_timer = clock.callLater(
             self.limits.session_timeout, self._timeout, replies.SESSION_TIMEOUT
         )
-        _log.debug("connection from {peer}", peer=self.session.peer)
         self._send(replies.GREETING.format(hostname=self.factory.hostname))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -123,14 +136,14 @@ class SmtpServerProtocol(protocol.Protocol):
             return
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(self.limits.idle_timeout)
-        self._buffer += data
+        self._buffer = self._buffer + data if self._buffer else data
         self._process()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self._closed = True
-        for timer in (self._idle_timer, self._session_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._cancel_timers()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
         if self._body is not None and self._sink is not None:
             # The client went away inside DATA: nothing was acknowledged.
             self._sink.abort()
@@ -141,6 +154,29 @@ class SmtpServerProtocol(protocol.Protocol):
                 peer=self.session.peer,
             )
         self.factory.release(self)
+
+    # IPushProducer, driven by the transport's write buffer.
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._hold_input("output")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._release_input("output")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._closed = True
+
+    def _hold_input(self, reason: str) -> None:
+        if not self._holds and not self._closed:
+            self.transport.pauseProducing()
+        self._holds.add(reason)
+
+    def _release_input(self, reason: str) -> None:
+        self._holds.discard(reason)
+        if self._holds or self._closed:
+            return
+        self.transport.resumeProducing()
+        self._process()
 
     # Input handling.
 
@@ -154,29 +190,53 @@ class SmtpServerProtocol(protocol.Protocol):
             self._processing = False
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._paused and not self._closed:
+        # Lines are taken at an offset, and the buffer is cut once at the
+        # end, so a long burst of pipelined commands costs linear time.
+        buffer = self._buffer
+        start = 0
+        limit = self.limits.max_command_line
+        while start < len(buffer) and not self._paused and not self._closed:
+            if "output" in self._holds:
+                break
             if self._body is not None:
-                rest = self._body.feed(self._buffer)
-                self._buffer = b""
+                rest = self._body.feed(buffer[start:] if start else buffer)
+                buffer, start = b"", 0
                 if rest is None:
-                    return
-                self._buffer = rest
+                    break
+                buffer = rest
                 self._end_of_data()
                 continue
-            end = self._buffer.find(_CRLF)
-            limit = self.limits.max_command_line
+            end = buffer.find(_CRLF, start)
             if end < 0:
-                if len(self._buffer) > limit:
+                if len(buffer) - start > limit:
                     # Never buffer a line without end: drop it, keep a CR.
                     self._discarding_line = True
-                    self._buffer = self._buffer[-1:]
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            if self._discarding_line or end + 2 > limit:
+                    buffer, start = buffer[-1:], 0
+                break
+            line = buffer[start:end]
+            start = end + 2
+            if self._discarding_line or len(line) + 2 > limit:
                 self._discarding_line = False
                 self._answer(replies.LINE_TOO_LONG.format(limit=limit), "line")
                 continue
             self._command(line)
+            if self._discard_input:
+                # Whatever the client sent behind STARTTLS was sent in the
+                # clear and must not be taken as coming through TLS
+                # (CVE-2011-0411).
+                self._discard_input = False
+                if len(buffer) > start:
+                    _log.warn(
+                        "discarded {size} octets pipelined behind STARTTLS from {peer}",
+                        size=len(buffer) - start,
+                        peer=self.session.peer,
+                    )
+                buffer, start = b"", 0
+        self._buffer = b"" if self._closed else (buffer[start:] if start else buffer)
+        if self._paused:
+            # While a command waits for its answer, stop reading: what the
+            # client sends meanwhile stays in the kernel's buffers.
+            self._hold_input("work")
 
     def _command(self, line: bytes) -> None:
         try:
@@ -184,10 +244,17 @@ class SmtpServerProtocol(protocol.Protocol):
         except UnicodeDecodeError:
             self._answer(replies.BAD_UTF8, "?")
             return
+        if _CONTROL.search(text):
+            # A bare CR or LF, or any other control character, could end up
+            # in a header, a reply or a log line.
+            self._answer(replies.CONTROL_CHARACTERS, "?")
+            return
         verb, _, argument = text.partition(" ")
-        verb = verb.upper()
-        handler = getattr(self, f"do_{verb}", None) if verb.isalpha() else None
-        _log.debug("{peer} <<< {verb}", peer=self.session.peer, verb=verb)
+        handler = None
+        # ASCII first: Unicode upper-casing turns "ſTARTTLS" into "STARTTLS".
+        if verb.isascii() and verb.isalpha():
+            verb = verb.upper()
+            handler = getattr(self, f"do_{verb}", None)
         if handler is None:
             self._answer(replies.UNKNOWN_COMMAND, verb)
             return
@@ -208,7 +275,10 @@ class SmtpServerProtocol(protocol.Protocol):
         if self._closed:
             return
         self._answer(reply, verb)
-        self._process()
+        if "work" in self._holds:
+            self._release_input("work")
+        else:
+            self._process()
 
     def _answer(self, reply: Reply, verb: str) -> None:
         self._send(reply)
@@ -237,17 +307,32 @@ class SmtpServerProtocol(protocol.Protocol):
         if not self._closed:
             self.transport.write(reply.to_bytes())
 
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._session_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+
     def _close(self) -> None:
+        """Close after the last reply is sent, or cut after a grace period.
+
+        A client that does not read (or stalls a TLS handshake) would keep a
+        gracefully closing connection, and its slot, for ever.
+        """
         self._closed = True
         self._buffer = b""
+        self._cancel_timers()
         self.transport.loseConnection()
+        self._abort_timer = self.factory.clock.callLater(
+            CLOSE_GRACE, self.transport.abortConnection
+        )
 
     def _timeout(self, reply: Reply) -> None:
+        reply = reply.format(hostname=self.factory.hostname)
         _log.info("{peer}: {text}", peer=self.session.peer, text=reply.text)
         if self._sink is not None and self._body is not None:
             self._sink.abort()
             self._sink = None
-        self._send(reply.format(hostname=self.factory.hostname))
+        self._send(reply)
         self._close()
 
     # Commands.
@@ -291,15 +376,7 @@ class SmtpServerProtocol(protocol.Protocol):
         if self.factory.tls_options is None:
             return replies.TLS_UNAVAILABLE
         self._send(replies.START_TLS)
-        # Whatever the client sent behind STARTTLS was sent in the clear and
-        # must not be taken as coming through TLS (CVE-2011-0411).
-        if self._buffer:
-            _log.warn(
-                "discarded {size} octets pipelined behind STARTTLS from {peer}",
-                size=len(self._buffer),
-                peer=self.session.peer,
-            )
-        self._buffer = b""
+        self._discard_input = True
         self.transport.startTLS(self.factory.tls_options)
         self.session.tls = True
         self.session.helo = None
@@ -344,7 +421,7 @@ class SmtpServerProtocol(protocol.Protocol):
         envelope = Envelope(sender=None)
         for name, value in params.items():
             if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()):
                     return replies.BAD_PARAMETER.format(name="SIZE")
                 envelope.declared_size = int(value)
             elif name == "BODY":
@@ -425,7 +502,7 @@ class SmtpServerProtocol(protocol.Protocol):
             return replies.SYNTAX_NO_ARGUMENT.format(verb="DATA")
         envelope = self.envelope
         if envelope is None:
-            return replies.NEED_MAIL
+            return replies.NEED_MAIL_BEFORE_DATA
         if not envelope.recipients:
             return (
                 replies.NO_VALID_RECIPIENTS

@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
 
 import pytest
-from powermail_process import PowerMail, write_config
+from powermail_process import PowerMail
 from smtp_wire import Wire
 
 _TRACE = re.compile(
@@ -257,7 +257,7 @@ def test_simple_commands(shared_powermail: PowerMail):
         wire.command(b"RCPT TO:<alice@example.test>")
         == b"503 5.5.1 Need MAIL before RCPT\r\n"
     )
-    assert wire.command(b"DATA") == b"503 5.5.1 Need MAIL before RCPT\r\n"
+    assert wire.command(b"DATA") == b"503 5.5.1 Need MAIL before DATA\r\n"
     assert wire.command(b"MAIL FROM:<a@b.test>") == b"250 2.1.0 Sender OK\r\n"
     assert (
         wire.command(b"MAIL FROM:<a@b.test>") == b"503 5.5.1 Sender already given\r\n"
@@ -330,25 +330,6 @@ def test_after_250_the_message_survives_a_kill(powermail: PowerMail):
     (stored,) = powermail.messages("alice")
     assert split_trace(stored)[1] == b"Subject: durable\r\n\r\nkeep me\r\n"
     assert list((powermail.maildir("alice") / "tmp").iterdir()) == []
-
-
-def _limited(tmp_path, mx_extra: str) -> PowerMail:
-    server = PowerMail(write_config(tmp_path, mx_extra=mx_extra))
-    server.start()
-    return server
-
-
-@pytest.fixture
-def limited(tmp_path):
-    servers = []
-
-    def start(mx_extra: str) -> PowerMail:
-        servers.append(_limited(tmp_path, mx_extra))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def test_size_limits(limited):

@@ -206,3 +206,81 @@ def test_lost_connection_in_data_leaves_nothing(client, tmp_path):
         and list((maildir / "new").iterdir()) == []
     )
     assert client.factory.sessions == set()
+
+
+def test_control_characters_in_a_command_are_refused(client):
+    """A bare LF inside a command could reach a header or split a reply."""
+    client.send(b"EHLO c.test\r\n")
+    assert client.send(b"MAIL FROM:<x@[IPv6:fe80::1]\nX-Injected: evil>\r\n") == (
+        b"500 5.5.2 Command contains a control character\r\n"
+    )
+    assert client.send(b"RCPT TO:<a@b@c\r250 fake>\r\n") == (
+        b"500 5.5.2 Command contains a control character\r\n"
+    )
+    assert client.send(b"NO\x00OP\r\n") == (
+        b"500 5.5.2 Command contains a control character\r\n"
+    )
+
+
+def test_ipv6_literal_with_a_scope_is_refused(client):
+    client.send(b"EHLO c.test\r\n")
+    assert client.send(b"MAIL FROM:<x@[IPv6:fe80::1%eth0]>\r\n") == (
+        b"501 5.1.7 Bad sender address syntax: invalid address literal\r\n"
+    )
+
+
+def test_only_ascii_digits_make_a_size(client):
+    client.send(b"EHLO c.test\r\n")
+    assert client.send("MAIL FROM:<a@b.test> SIZE=²\r\n".encode()) == (
+        b"501 5.5.4 Bad SIZE parameter value\r\n"
+    )
+    assert client.send("MAIL FROM:<a@b.test> SIZE=١٢ SMTPUTF8\r\n".encode()) == (
+        b"501 5.5.4 Bad SIZE parameter value\r\n"
+    )
+
+
+def test_only_ascii_verbs_are_commands(client):
+    """Unicode case folding must not turn ſTARTTLS into STARTTLS."""
+    assert (
+        client.send("ſTARTTLS\r\n".encode()) == b"500 5.5.2 Command not recognised\r\n"
+    )
+    assert client.send("QUıT\r\n".encode()) == b"500 5.5.2 Command not recognised\r\n"
+
+
+def test_input_is_not_read_while_a_reply_is_pending(client):
+    gate = defer.Deferred()
+    client.factory.policy.check_sender = lambda session, envelope: gate
+    client.send(b"EHLO c.test\r\n")
+    assert client.send(b"MAIL FROM:<a@b.test>\r\nNOOP\r\n") == b""
+    assert client.transport.producerState == "paused"
+    gate.callback(None)
+    assert client.read() == b"250 2.1.0 Sender OK\r\n250 2.0.0 OK\r\n"
+    assert client.transport.producerState == "producing"
+
+
+def test_a_client_that_does_not_read_stops_being_read(client):
+    """The transport's full write buffer pauses the session's input."""
+    client.protocol.pauseProducing()
+    assert client.transport.producerState == "paused"
+    assert client.send(b"NOOP\r\nNOOP\r\n") == b""
+    client.protocol.resumeProducing()
+    assert client.read() == b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n"
+
+
+def test_a_closing_connection_is_cut_after_the_grace_period(client):
+    """A client that stalls after a timeout cannot keep its slot."""
+    client.clock.advance(300)
+    assert client.read().startswith(b"421 4.4.2")
+    assert client.transport.disconnecting
+    client.clock.advance(9)
+    # StringTransport marks an abort (not a graceful close) as "disconnected".
+    assert not client.transport.disconnected
+    client.clock.advance(1)
+    assert client.transport.disconnected
+    # The session timer was cancelled with the close: nothing else fires.
+    assert client.clock.getDelayedCalls() == []
+
+
+def test_data_without_mail(client):
+    client.send(b"EHLO c.test\r\n")
+    assert client.send(b"DATA\r\n") == b"503 5.5.1 Need MAIL before DATA\r\n"
