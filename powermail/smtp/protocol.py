@@ -38,6 +38,8 @@ _CRLF = b"\r\n"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Seconds a closing connection may take to send its last reply.
 CLOSE_GRACE = 10
+# Octets read ahead while a command waits for its answer (pipelining).
+PAUSED_BUFFER_LIMIT = 64 * 1024
 _EXTENSIONS_WITHOUT_TLS = (
     "PIPELINING",
     "SIZE {size}",
@@ -233,9 +235,9 @@ class SmtpServerProtocol(protocol.Protocol):
                     )
                 buffer, start = b"", 0
         self._buffer = b"" if self._closed else (buffer[start:] if start else buffer)
-        if self._paused:
-            # While a command waits for its answer, stop reading: what the
-            # client sends meanwhile stays in the kernel's buffers.
+        if self._paused and len(self._buffer) > PAUSED_BUFFER_LIMIT:
+            # A command waits for its answer and the client keeps sending:
+            # stop reading, so the rest stays in the kernel's buffers.
             self._hold_input("work")
 
     def _command(self, line: bytes) -> None:

@@ -1,9 +1,9 @@
 """Durable delivery into Maildirs.
 
 A delivery is a small transaction, as in maildir's own protocol: the message
-is streamed into ``tmp/`` of the first recipient's Maildir, then, in a worker
-thread, fsynced, linked into ``new/`` of every recipient and each ``new/``
-fsynced.  Only then does the commit's Deferred fire, so a caller that waits
+goes into ``tmp/`` of the first recipient's Maildir, then, in a worker
+thread, is fsynced, linked into ``new/`` of every recipient and each ``new/``
+fsynced (one fsync shared by the deliveries that finish together).  Only then does the commit's Deferred fire, so a caller that waits
 for it before acknowledging never acknowledges a message a crash could lose.
 The file holds the message exactly as given, CRLF line ends included.
 """
@@ -14,6 +14,7 @@ import errno
 import itertools
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -56,6 +57,12 @@ def maildir_name() -> str:
     return f"{seconds}.M{micro}P{os.getpid()}Q{next(_sequence)}.{_HOST}"
 
 
+# A message up to this size is kept in memory until its commit, so that all
+# of its disk work (create, write, fsync, link) runs in a worker thread; a
+# larger one is streamed to its tmp/ file as it arrives.
+SPILL_THRESHOLD = 256 * 1024
+
+
 class MaildirStore:
     """The Maildirs of local mailboxes, one per mailbox under ``root``.
 
@@ -63,9 +70,19 @@ class MaildirStore:
     Deferred; tests may pass one that runs it at once.
     """
 
-    def __init__(self, root: Path, *, run_blocking: RunBlocking = deferToThread):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        run_blocking: RunBlocking = deferToThread,
+        spill_threshold: int = SPILL_THRESHOLD,
+    ) -> None:
         self.root = root
         self.run_blocking = run_blocking
+        self.spill_threshold = spill_threshold
+        self._ready: set[Path] = set()
+        self._syncs: dict[Path, _GroupSync] = {}
+        self._syncs_lock = threading.Lock()
 
     def maildir_for(self, domain: str, local_key: str) -> Path:
         """Where the Maildir of ``local_key@domain`` lives."""
@@ -73,7 +90,65 @@ class MaildirStore:
 
     def begin(self, maildirs: Iterable[Path]) -> MaildirDelivery:
         """Start a delivery of one message to each Maildir in ``maildirs``."""
-        return MaildirDelivery(list(dict.fromkeys(maildirs)), self.run_blocking)
+        return MaildirDelivery(self, list(dict.fromkeys(maildirs)))
+
+    def prepare(self, maildir: Path) -> list[Path]:
+        """Make sure ``maildir`` exists; list the folders whose entries are new."""
+        if maildir in self._ready:
+            return []
+        created = _ensure_maildir(maildir)
+        self._ready.add(maildir)
+        return created
+
+    def forget(self, maildirs: Iterable[Path]) -> None:
+        """Check these Maildirs again next time (one may have been removed)."""
+        self._ready.difference_update(maildirs)
+
+    def sync_directory(self, path: Path) -> None:
+        """fsync ``path``, sharing one fsync among the threads that ask at once."""
+        with self._syncs_lock:
+            group = self._syncs.get(path)
+            if group is None:
+                group = self._syncs[path] = _GroupSync()
+        group.sync(path)
+
+
+class _GroupSync:
+    """Group commit for one directory.
+
+    A thread asks after its own change (a link into ``new/``) is made.  An
+    fsync that starts after that covers the change, so a thread that finds
+    an fsync already running waits for it and then, if it started too early
+    to count, for the next one, which one of the waiters runs for all.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self, path: Path) -> None:
+        with self._condition:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket and self._running:
+                self._condition.wait()
+            if self._done >= ticket:
+                return
+            self._running = True
+            covers = self._requested
+        try:
+            fsync_directory(path)
+        except BaseException:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+            raise
+        with self._condition:
+            self._done = max(self._done, covers)
+            self._running = False
+            self._condition.notify_all()
 
 
 def _ensure_maildir(maildir: Path) -> list[Path]:
@@ -98,60 +173,84 @@ def _ensure_maildir(maildir: Path) -> list[Path]:
 class MaildirDelivery:
     """One message on its way into one or more Maildirs."""
 
-    def __init__(self, maildirs: list[Path], run_blocking: RunBlocking) -> None:
+    def __init__(self, store: MaildirStore, maildirs: list[Path]) -> None:
         if not maildirs:
             raise ValueError("a delivery needs at least one Maildir")
+        self.store = store
         self.maildirs = maildirs
-        self.run_blocking = run_blocking
         self.size = 0
-        self._to_sync: list[Path] = []
-        for maildir in maildirs:
-            self._to_sync.extend(_ensure_maildir(maildir))
         self.base_name = maildir_name()
         self.tmp_path = maildirs[0] / "tmp" / self.base_name
-        self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115
         self.paths: list[Path] = []
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._file: BinaryIO | None = None
+        self._to_sync: list[Path] = []
+        self._finished = False
 
     def write(self, data: bytes) -> None:
-        """Append ``data`` to the message; buffered, no disk wait."""
-        assert self._file is not None, "write after commit or abort"
-        self._file.write(data)
+        """Append ``data`` to the message; no wait for the disk."""
+        assert not self._finished, "write after commit or abort"
         self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > self.store.spill_threshold:
+            # A large message: stream it to disk from here on.  Creating
+            # one file on the reactor thread is the price of flat memory.
+            self._open_file()
+
+    def _open_file(self) -> None:
+        for maildir in self.maildirs:
+            self._to_sync.extend(self.store.prepare(maildir))
+        self._file = open(self.tmp_path, "xb")  # noqa: SIM115
+        self._file.write(b"".join(self._chunks))
+        self._chunks = []
 
     def commit(self) -> Deferred[list[Path]]:
         """Make the message durable in every Maildir; fires with the paths."""
-        file, self._file = self._file, None
-        assert file is not None, "commit twice"
-        return self.run_blocking(self._commit_blocking, file)
+        assert not self._finished, "commit twice"
+        self._finished = True
+        return self.store.run_blocking(self._commit_blocking)
 
-    def _commit_blocking(self, file: BinaryIO) -> list[Path]:
-        try:
-            file.flush()
-            os.fsync(file.fileno())
-        finally:
-            file.close()
+    def _commit_blocking(self) -> list[Path]:
         name = f"{self.base_name},S={self.size},W={self.size}"
         paths: list[Path] = []
         try:
+            if self._file is None:
+                self._open_file()
+            file = self._file
+            assert file is not None
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
             for maildir in self.maildirs:
                 target = maildir / "new" / name
                 _link_or_copy(self.tmp_path, target)
                 paths.append(target)
-            for folder in dict.fromkeys(
-                [*self._to_sync, *(m / "new" for m in self.maildirs)]
-            ):
+            for folder in dict.fromkeys(self._to_sync):
                 fsync_directory(folder)
+            for maildir in self.maildirs:
+                self.store.sync_directory(maildir / "new")
         except BaseException:
             for path in paths:
                 _unlink_quietly(path)
+            self.store.forget(self.maildirs)
             raise
         finally:
+            self._file = None
             _unlink_quietly(self.tmp_path)
         self.paths = paths
         return paths
 
     def abort(self) -> None:
         """Forget the message; nothing of it stays on disk."""
+        self._finished = True
+        self._chunks = []
         file, self._file = self._file, None
         if file is not None:
             file.close()
