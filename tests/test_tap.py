@@ -144,3 +144,16 @@ def test_bad_configuration_stops_the_start_with_one_message(
     expected = f"powermail: {tmp_path / 'powermail.toml'}: {key}: "
     expected += reason.format(port=port, dir=tmp_path)
     assert lines[0].startswith(expected), lines[0]
+
+
+def test_installed_powermail_command_checks_the_default(tmp_path):
+    """The console script the README uses is installed beside twistd."""
+    command = Path(sys.executable).parent / "powermail"
+    result = subprocess.run(
+        [str(command), "-c", str(REPO / "conf/powermail.toml"), "check"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("OK (1 domains, 2 mailboxes, 2 aliases)")

@@ -195,18 +195,22 @@ def _type_name(value: Any) -> str:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the configuration file at ``path``."""
-    path = Path(path).absolute()
+def read_config_text(path: Path) -> str:
+    """The text of the configuration file, or a ConfigError saying why not."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "(file)", "no such file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "(file)", f"not UTF-8: {exc.reason}") from None
     except OSError as exc:
         raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
-    return parse_config(text, path)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the configuration file at ``path``."""
+    path = Path(path).absolute()
+    return parse_config(read_config_text(path), path)
 
 
 def parse_config(text: str, path: str | Path) -> Config:

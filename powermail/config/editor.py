@@ -28,7 +28,12 @@ from tomlkit.items import Comment, Item, Null, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
 from powermail.address import Address, AddressError, normalise_domain, parse_address
-from powermail.config._loader import REQUIRED_ALIASES, ConfigError, parse_config
+from powermail.config._loader import (
+    REQUIRED_ALIASES,
+    ConfigError,
+    parse_config,
+    read_config_text,
+)
 from powermail.config._schema import MAILBOX_MODES
 
 __all__ = [
@@ -72,7 +77,7 @@ def edit_file(path: str | Path, edit: Callable[[TOMLDocument], _T]) -> _T:
     """
     path = Path(path).absolute()
     with _editing(path):
-        text = _read_text(path)
+        text = read_config_text(path)
         try:
             document = tomlkit.parse(text)
         except TOMLKitError as exc:
@@ -99,18 +104,6 @@ def _editing(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _read_text(path: Path) -> str:
-    # The same reading, and the same messages, as load_config.
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, "(file)", "no such file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, "(file)", f"not UTF-8: {exc.reason}") from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
 
 
 def write_atomically(path: str | Path, text: str) -> None:
