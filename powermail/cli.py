@@ -175,10 +175,15 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     directory = config.directory
     print(
-        f"{config.path}: OK ({len(directory.domains)} domains, "
-        f"{len(directory.mailboxes)} mailboxes, {len(directory.aliases)} aliases)"
+        f"{config.path}: OK ({_count(len(directory.domains), 'domain')}, "
+        f"{_count(len(directory.mailboxes), 'mailbox', 'mailboxes')}, "
+        f"{_count(len(directory.aliases), 'alias', 'aliases')})"
     )
     return 0
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number} {one if number == 1 else (many or one + 's')}"
 
 
 def _domain_add(args: argparse.Namespace) -> int:

@@ -12,8 +12,10 @@ from pathlib import Path
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
+from powermail import __version__
 from powermail.config import Config, ConfigError, Listen, load_config
 from powermail.config.watcher import ConfigWatcher, RunningConfig
 from powermail.smtp.mx import MxPolicy
@@ -22,6 +24,8 @@ from powermail.storage.maildir import MaildirStore
 from powermail.tls import ensure_self_signed, server_tls_options
 
 __all__ = ["Options", "makeService"]
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -123,6 +127,13 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
         mx.setName(f"mx {listen}")
         mx.setServiceParent(top)
 
+    _log.info(
+        "PowerMail {version} with {path}: {domains} domains, {mailboxes} mailboxes",
+        version=__version__,
+        path=str(config.path),
+        domains=len(config.directory.domains),
+        mailboxes=len(config.directory.mailboxes),
+    )
     watcher = ConfigWatcher(running, clock=reactor)
     watcher.setName("config watcher")
     watcher.setServiceParent(top)

@@ -27,7 +27,7 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     key_path = directory / "selfsigned.key"
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)

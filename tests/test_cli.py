@@ -90,7 +90,7 @@ def password_of(cli: Cli, address: str) -> str:
 
 
 def test_check_counts_what_the_file_holds(cli: Cli) -> None:
-    assert cli.ok("check") == (f"{cli.path}: OK (1 domains, 2 mailboxes, 2 aliases)\n")
+    assert cli.ok("check") == (f"{cli.path}: OK (1 domain, 2 mailboxes, 2 aliases)\n")
 
 
 def test_check_prints_the_config_error_and_fails(cli: Cli) -> None:
@@ -130,7 +130,7 @@ def test_config_defaults_to_conf_powermail_toml_in_the_current_folder(
     done = cli("check", config=False)
 
     assert done.returncode == 0, done
-    assert done.stdout == f"{cli.path}: OK (1 domains, 2 mailboxes, 2 aliases)\n"
+    assert done.stdout == f"{cli.path}: OK (1 domain, 2 mailboxes, 2 aliases)\n"
 
 
 def test_main_returns_the_exit_status(cli: Cli, capsys) -> None:

@@ -156,4 +156,4 @@ def test_installed_powermail_command_checks_the_default(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("OK (1 domains, 2 mailboxes, 2 aliases)")
+    assert result.stdout.strip().endswith("OK (1 domain, 2 mailboxes, 2 aliases)")

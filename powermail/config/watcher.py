@@ -58,6 +58,8 @@ class ConfigWatcher(Service):
         self.path = running.current.path
         self.clock = clock
         self._seen = _signature(self.path)
+        # What the listeners were built from; only a restart changes them.
+        self._built_from = running.current.listener_settings()
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
@@ -85,11 +87,22 @@ class ConfigWatcher(Service):
                 error=str(exc),
             )
             return False
-        old = self.config_holder.current
-        if config.listener_settings() != old.listener_settings():
+        changed = [
+            name
+            for name, built, new in zip(
+                ("server.data_dir", "tls", "mx.listen"),
+                self._built_from,
+                config.listener_settings(),
+                strict=True,
+            )
+            if built != new
+        ]
+        if changed:
             _log.warn(
-                "configuration {path}: listener, TLS or data_dir changes need a restart",
+                "configuration {path}: {keys} changed; the running server keeps the"
+                " old value until it is restarted",
                 path=str(self.path),
+                keys=", ".join(changed),
             )
         self.config_holder.replace(config)
         _log.info(

@@ -161,8 +161,11 @@ def _ensure_maildir(maildir: Path) -> list[Path]:
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
+    # Mail is private to its owner: folders 0700, files 0600.
+    for folder in reversed(missing):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     for sub in ("cur", "new", "tmp"):
-        os.makedirs(maildir / sub, exist_ok=True)
+        os.makedirs(maildir / sub, mode=0o700, exist_ok=True)
     # Each folder we made must be recorded in its parent, up to the one
     # that already existed: fsync those parents.
     created.append(maildir)
@@ -205,7 +208,7 @@ class MaildirDelivery:
     def _open_file(self) -> None:
         for maildir in self.maildirs:
             self._to_sync.extend(self.store.prepare(maildir))
-        self._file = open(self.tmp_path, "xb")  # noqa: SIM115
+        self._file = _create_private(self.tmp_path)
         self._file.write(b"".join(self._chunks))
         self._chunks = []
 
@@ -257,6 +260,12 @@ class MaildirDelivery:
             _unlink_quietly(self.tmp_path)
 
 
+def _create_private(path: Path) -> BinaryIO:
+    """A new file only its owner can read; it must not exist yet."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -268,7 +277,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _copy_durably(source: Path, target: Path) -> None:
     partial = target.parent.parent / "tmp" / target.name
-    with open(source, "rb") as src, open(partial, "xb") as dst:
+    with open(source, "rb") as src, _create_private(partial) as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
         dst.flush()

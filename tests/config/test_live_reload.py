@@ -93,3 +93,12 @@ def test_invalid_hand_edit_is_logged_and_the_old_config_stays(powermail: PowerMa
     # Fixed by hand: applied.
     powermail.config.write_text(text + '\n[mailboxes."dave@example.test"]\n')
     wait_for_reply(wire, b"dave@example.test", b"250 2.1.5")
+
+
+def test_listener_change_is_named_and_waits_for_a_restart(powermail: PowerMail):
+    text = powermail.config.read_text()
+    powermail.config.write_text(text.replace("127.0.0.1:", "127.0.0.2:", 1))
+    log = powermail.wait_for_log("mx.listen changed")
+    assert "the running server keeps the old value until it is restarted" in log
+    wire = Wire(powermail.port)
+    assert wire.reply() == b"220 mx.example.test ESMTP PowerMail\r\n"

@@ -45,8 +45,11 @@ def test_commit_links_one_file_into_every_maildir(store):
         assert path.read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
         assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+\.[^/:]+,S=20,W=20", path.name)
     assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+    assert paths[0].stat().st_mode & 0o777 == 0o600
     for maildir in (alice, bob):
         assert sorted(p.name for p in maildir.iterdir()) == ["cur", "new", "tmp"]
+        for folder in (maildir, maildir / "new", maildir.parent):
+            assert folder.stat().st_mode & 0o777 == 0o700
         assert list((maildir / "tmp").iterdir()) == []
 
 
