@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from powermail.address import Address, AddressError, parse_address
 
-__all__ = ["Directory", "Domain", "Mailbox", "ResolveError"]
+__all__ = ["Directory", "Domain", "Mailbox", "ResolveError", "Route"]
 
 # Alias chains longer than this are refused by the configuration check.
 MAX_ALIAS_DEPTH = 8
@@ -28,15 +28,36 @@ class Domain:
 
 @dataclass(frozen=True)
 class Mailbox:
-    """A mailbox: where its mail goes and how its owner logs in."""
+    """A mailbox: where its mail goes and how its owner logs in.
+
+    A ``redirect`` mailbox sends its mail to ``next_hop`` (Postfix syntax,
+    see ``queue.nexthop``) with the TLS policy ``next_hop_tls``.
+    """
 
     address: Address
     mode: str = "local"
     password_hash: str | None = None
+    next_hop: str | None = None
+    next_hop_tls: str = "opportunistic"
+    verify_recipients: bool = False
 
     @property
     def key(self) -> str:
         return self.address.key
+
+
+@dataclass(frozen=True)
+class Route:
+    """One mailbox a recipient reaches, and the address to deliver it under.
+
+    ``recipient`` is the address as given for a direct or catch-all match
+    (the next hop of a redirect knows it), the mailbox's own address when an
+    alias led there.  ``catch_all`` says the catch-all took it.
+    """
+
+    mailbox: Mailbox
+    recipient: Address
+    catch_all: bool = False
 
 
 class ResolveError(Exception):
@@ -71,7 +92,12 @@ class Directory:
         return domain is not None and domain in self.domains
 
     def resolve(self, address: Address) -> tuple[Mailbox, ...] | None:
-        """The mailboxes that receive mail for ``address``, or ``None``.
+        """The mailboxes that receive mail for ``address``, or ``None``."""
+        routes = self.route(address)
+        return None if routes is None else tuple(r.mailbox for r in routes)
+
+    def route(self, address: Address) -> tuple[Route, ...] | None:
+        """Where mail for ``address`` goes, or ``None`` for no one here.
 
         The bare ``<postmaster>`` goes to the default domain's postmaster.
         An unknown local part of a hosted domain goes to its catch-all.
@@ -83,12 +109,14 @@ class Directory:
         if not self.is_hosted(address.domain):
             return None
         for key in self._candidate_keys(address):
+            if key in self.mailboxes:
+                return (Route(self.mailboxes[key], address),)
             found = self.expand(key)
             if found is not None:
-                return found
+                return tuple(Route(m, m.address) for m in found)
         catch_all = self.domains[address.domain].catch_all
         if catch_all is not None and catch_all in self.mailboxes:
-            return (self.mailboxes[catch_all],)
+            return (Route(self.mailboxes[catch_all], address, catch_all=True),)
         return None
 
     def _candidate_keys(self, address: Address) -> list[str]:

@@ -9,15 +9,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
 from powermail import __version__
 from powermail.config import Config, ConfigError, Listen, load_config
 from powermail.config.watcher import ConfigWatcher, RunningConfig
+from powermail.control import ControlFactory
+from powermail.queue.client import deliver
+from powermail.queue.nexthop import NextHopResolver, make_resolver
+from powermail.queue.runner import QueueRunner
+from powermail.queue.store import QueueStore
 from powermail.smtp.mx import MxPolicy
 from powermail.smtp.protocol import SmtpFactory, SmtpLimits
 from powermail.storage.maildir import MaildirStore
@@ -46,6 +53,7 @@ class Options(usage.Options):
         try:
             config = load_config(self["config"])
             self["tls_options"] = _tls_options(config)
+            self["trust_root"] = _trust_root(config)
             config.server.data_dir.mkdir(parents=True, exist_ok=True)
         except ConfigError as exc:
             sys.stderr.write(f"powermail: {exc}\n")
@@ -76,6 +84,22 @@ def _tls_options(config: Config):
         return server_tls_options(Path(cert), Path(key))
     except ValueError as exc:
         raise ConfigError(config.path, "tls.certificate", str(exc)) from None
+
+
+def _trust_root(config: Config):
+    """The CAs that verify next hops with TLS required; None: the system's."""
+    if config.tls.ca_file is None:
+        return None
+    try:
+        certificates = x509.load_pem_x509_certificates(config.tls.ca_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(config.path, "tls.ca_file", f"cannot load: {exc}") from None
+    return ssl.trustRootFromCertificates(
+        [
+            ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in certificates
+        ]
+    )
 
 
 def _limits(config: Config) -> SmtpLimits:
@@ -109,7 +133,25 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
     top = service.MultiService()
 
     store = MaildirStore(config.server.data_dir / "mail")
-    policy = MxPolicy(directory=lambda: running.current.directory, store=store)
+    queue = QueueStore(config.server.data_dir / "queue")
+    runner = QueueRunner(
+        store=queue,
+        settings=lambda: running.current,
+        resolver=NextHopResolver(
+            make_resolver([(s.host, s.port) for s in config.dns.servers] or None)
+        ),
+        clock=reactor,
+        deliver=deliver,
+        trust_root=options["trust_root"],
+    )
+    runner.setName("queue runner")
+    runner.setServiceParent(top)
+    policy = MxPolicy(
+        directory=lambda: running.current.directory,
+        store=store,
+        queue=queue,
+        queued=runner.add,
+    )
     factory = SmtpFactory(
         policy=policy,
         limits=_limits(config),
@@ -134,6 +176,15 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
         domains=len(config.directory.domains),
         mailboxes=len(config.directory.mailboxes),
     )
+    control_path = config.server.data_dir / "control.sock"
+    control_path.unlink(missing_ok=True)
+    control = StreamServerEndpointService(
+        endpoints.UNIXServerEndpoint(reactor, str(control_path), mode=0o600),
+        ControlFactory(runner),
+    )
+    control.setName("control socket")
+    control.setServiceParent(top)
+
     watcher = ConfigWatcher(running, clock=reactor)
     watcher.setName("config watcher")
     watcher.setServiceParent(top)

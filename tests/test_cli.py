@@ -98,7 +98,7 @@ def test_check_prints_the_config_error_and_fails(cli: Cli) -> None:
 
     assert cli.refused("check") == (
         f'powermail: {cli.path}: mailboxes."alice@example.test".mode: '
-        "'remote' is not one of: local\n"
+        "'remote' is not one of: local, redirect\n"
     )
 
 
@@ -160,7 +160,7 @@ def test_domain_add_requires_postmaster(cli: Cli) -> None:
 
 def test_unknown_mode_is_a_usage_error(cli: Cli) -> None:
     stderr = cli.refused(
-        "mailbox", "add", "carol@example.test", "--mode", "redirect", status=2
+        "mailbox", "add", "carol@example.test", "--mode", "remote", status=2
     )
 
     assert stderr.startswith("powermail: mailbox add: argument --mode: invalid ")
@@ -610,6 +610,366 @@ def test_mailbox_add_on_a_terminal_refuses_differing_passwords(
     assert status == 1
     assert stderr.endswith("\npowermail: the two passwords differ\n")
     assert cli.path.read_bytes() == before
+
+
+# -- Redirect mailboxes and catch-alls -------------------------------------------
+
+HOP = "[mx.other.test]:2525"
+
+
+def mailbox_table(cli: Cli, address: str) -> str:
+    """The lines of ``address``'s table in the file, up to the next header."""
+    text = cli.text()
+    start = text.index(f'[mailboxes."{address}"]\n')
+    end = text.find("\n[", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def redirect_catch_all(cli: Cli, address: str = "bob@example.test") -> None:
+    """Make ``address`` a redirect mailbox and example.test's verifying catch-all."""
+    cli.ok(
+        *("mailbox", "set", address, "--mode", "redirect", "--next-hop", HOP),
+        *("--catch-all", "--verify-recipients"),
+    )
+
+
+def test_redirect_add_needs_a_next_hop(cli: Cli) -> None:
+    assert cli.refused(
+        "mailbox", "add", "carol@example.test", "--mode", "redirect", status=2
+    ) == (
+        "powermail: mailbox add: a redirect mailbox needs --next-hop HOP "
+        "(see 'powermail mailbox add --help')\n"
+    )
+
+
+def test_local_add_refuses_a_next_hop(cli: Cli) -> None:
+    assert cli.refused(
+        "mailbox", "add", "carol@example.test", "--next-hop", HOP, status=2
+    ) == (
+        "powermail: mailbox add: --next-hop and --next-hop-tls need --mode redirect "
+        "(see 'powermail mailbox add --help')\n"
+    )
+
+
+def test_redirect_add_stores_the_next_hop_and_no_password(cli: Cli) -> None:
+    done = cli(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", HOP),
+        stdin="not-read\n",
+    )
+
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert done.stdout == f"added mailbox carol@example.test (redirect to {HOP})\n"
+    carol = cli.load().directory.mailboxes["carol@example.test"]
+    assert (carol.mode, carol.next_hop, carol.next_hop_tls) == (
+        "redirect",
+        HOP,
+        "opportunistic",
+    )
+    assert carol.password_hash is None
+    assert mailbox_table(cli, "carol@example.test") == (
+        f'[mailboxes."carol@example.test"]\nmode = "redirect"\nnext_hop = "{HOP}"\n'
+    )
+
+
+def test_redirect_add_writes_a_tls_policy_other_than_the_default(cli: Cli) -> None:
+    output = cli.ok(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", "mx.other.test", "--next-hop-tls", "required"),
+    )
+
+    assert output == (
+        "added mailbox carol@example.test (redirect to mx.other.test, TLS required)\n"
+    )
+    assert 'next_hop_tls = "required"\n' in mailbox_table(cli, "carol@example.test")
+    carol = cli.load().directory.mailboxes["carol@example.test"]
+    assert carol.next_hop_tls == "required"
+
+
+def test_redirect_add_with_password_reads_one(cli: Cli) -> None:
+    cli.ok(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", HOP, "--password"),
+        stdin="s3cret\n",
+    )
+
+    assert verify_password(password_of(cli, "carol@example.test"), "s3cret")
+
+
+def test_redirect_add_passes_on_the_loaders_next_hop_refusal(cli: Cli) -> None:
+    assert cli.refused(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", "mx.other.test:99999"),
+    ) == (
+        f'powermail: {cli.path}: mailboxes."carol@example.test".next_hop: '
+        "'mx.other.test:99999': next hop 'mx.other.test:99999' has a bad port "
+        "'99999'\n"
+    )
+
+
+def test_set_makes_a_local_mailbox_redirect(cli: Cli) -> None:
+    output = cli.ok(
+        *("mailbox", "set", "Bob@Example.test", "--mode", "redirect"),
+        *("--next-hop", HOP, "--next-hop-tls", "none"),
+    )
+
+    assert output == (
+        "changed the mode of bob@example.test to redirect\n"
+        f"changed the next hop of bob@example.test to {HOP}\n"
+        "changed the next hop TLS policy of bob@example.test to none\n"
+    )
+    bob = cli.load().directory.mailboxes["bob@example.test"]
+    assert (bob.mode, bob.next_hop, bob.next_hop_tls) == ("redirect", HOP, "none")
+    # The password is kept: only what was given changes.
+    assert verify_password(bob.password_hash, "bob-demo")
+
+
+def test_set_makes_a_redirect_mailbox_local_and_drops_its_next_hop(
+    cli: Cli,
+) -> None:
+    original = mailbox_table(cli, "bob@example.test")
+    redirect_catch_all(cli)
+    cli.ok("mailbox", "set", "bob@example.test", "--next-hop-tls", "required")
+
+    output = cli.ok("mailbox", "set", "bob@example.test", "--mode", "local")
+
+    assert output == (
+        "changed the mode of bob@example.test to local\n"
+        "removed the next hop of bob@example.test\n"
+        "removed the next hop TLS policy of bob@example.test\n"
+        "bob@example.test no longer verifies recipients\n"
+    )
+    bob = cli.load().directory.mailboxes["bob@example.test"]
+    assert (bob.mode, bob.next_hop, bob.verify_recipients) == ("local", None, False)
+    assert mailbox_table(cli, "bob@example.test") == original
+    # A local mailbox may stay the catch-all.
+    assert cli.load().directory.domains["example.test"].catch_all == (
+        "bob@example.test"
+    )
+
+
+def test_set_changes_only_what_is_given(cli: Cli) -> None:
+    redirect_catch_all(cli)
+    before = cli.text()
+
+    assert cli.ok("mailbox", "set", "bob@example.test", "--next-hop", "mx2.test") == (
+        "changed the next hop of bob@example.test to mx2.test\n"
+    )
+    assert cli.text() == before.replace(HOP, "mx2.test")
+
+
+def test_set_default_tls_policy_leaves_the_key_out(cli: Cli) -> None:
+    redirect_catch_all(cli)
+    cli.ok("mailbox", "set", "bob@example.test", "--next-hop-tls", "required")
+
+    output = cli.ok(
+        "mailbox", "set", "bob@example.test", "--next-hop-tls", "opportunistic"
+    )
+
+    assert output == (
+        "changed the next hop TLS policy of bob@example.test to opportunistic\n"
+    )
+    assert "next_hop_tls" not in cli.text()
+
+
+def test_set_reports_when_nothing_changes(cli: Cli) -> None:
+    assert cli.ok("mailbox", "set", "bob@example.test", "--mode", "local") == (
+        "bob@example.test already has those settings\n"
+    )
+    assert cli.ok("mailbox", "set", "bob@example.test", "--no-catch-all") == (
+        "bob@example.test already has those settings\n"
+    )
+
+
+def test_set_without_a_change_is_a_usage_error(cli: Cli) -> None:
+    assert cli.refused("mailbox", "set", "bob@example.test", status=2) == (
+        "powermail: mailbox set: nothing to change: give --mode, --next-hop, "
+        "--next-hop-tls, --[no-]catch-all or --[no-]verify-recipients "
+        "(see 'powermail mailbox set --help')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--mode", "redirect"],
+            "bob@example.test needs a next hop to be a redirect mailbox",
+        ),
+        (
+            ["--next-hop", HOP],
+            "only a redirect mailbox has a next hop, and bob@example.test is local",
+        ),
+        (
+            ["--next-hop-tls", "required"],
+            "only a redirect mailbox has a next hop TLS policy, and "
+            "bob@example.test is local",
+        ),
+        (
+            ["--catch-all", "--verify-recipients"],
+            "only a redirect mailbox has recipient verification, and "
+            "bob@example.test is local",
+        ),
+        (["--mode", "redirect", "--next-hop", ""], "the next hop may not be empty"),
+        (["--mode", "redirect", "--next-hop", " "], "the next hop may not be empty"),
+    ],
+)
+def test_set_refusals_on_a_local_mailbox(
+    cli: Cli, args: list[str], message: str
+) -> None:
+    assert cli.refused("mailbox", "set", "bob@example.test", *args) == (
+        f"powermail: {message}\n"
+    )
+
+
+def test_set_local_refuses_a_next_hop_of_a_redirect_mailbox(cli: Cli) -> None:
+    redirect_catch_all(cli)
+
+    assert cli.refused(
+        "mailbox", "set", "bob@example.test", "--mode", "local", "--next-hop", HOP
+    ) == (
+        "powermail: only a redirect mailbox has a next hop, and bob@example.test "
+        "would be local\n"
+    )
+
+
+def test_set_refuses_an_unknown_mailbox(cli: Cli) -> None:
+    assert cli.refused("mailbox", "set", "carol@example.test", "--catch-all") == (
+        "powermail: no such mailbox carol@example.test\n"
+    )
+
+
+def test_catch_all_is_set_and_removed(cli: Cli) -> None:
+    original = cli.text()
+
+    assert cli.ok("mailbox", "set", "bob@example.test", "--catch-all") == (
+        "bob@example.test is now the catch-all of example.test\n"
+    )
+    assert cli.load().directory.domains["example.test"].catch_all == (
+        "bob@example.test"
+    )
+    assert '[domains."example.test"]\ncatch_all = "bob@example.test"\n' in cli.text()
+
+    assert cli.ok("mailbox", "set", "bob@example.test", "--no-catch-all") == (
+        "bob@example.test is no longer the catch-all of example.test\n"
+    )
+    assert cli.load().directory.domains["example.test"].catch_all is None
+    assert cli.text() == original
+
+
+def test_catch_all_moves_from_one_mailbox_to_another(cli: Cli) -> None:
+    redirect_catch_all(cli)
+
+    output = cli.ok("mailbox", "set", "alice@example.test", "--catch-all")
+
+    assert output == (
+        "alice@example.test is now the catch-all of example.test, "
+        "replacing bob@example.test\n"
+        "bob@example.test no longer verifies recipients\n"
+    )
+    directory = cli.load().directory
+    assert directory.domains["example.test"].catch_all == "alice@example.test"
+    assert not directory.mailboxes["bob@example.test"].verify_recipients
+    assert cli.text().count("catch_all") == 1
+    assert "verify_recipients" not in cli.text()
+
+
+def test_no_catch_all_leaves_another_mailboxs_role(cli: Cli) -> None:
+    redirect_catch_all(cli)
+    before = cli.text()
+
+    assert cli.ok("mailbox", "set", "alice@example.test", "--no-catch-all") == (
+        "alice@example.test already has those settings\n"
+    )
+    assert cli.text() == before
+
+
+def test_no_catch_all_also_stops_verifying_recipients(cli: Cli) -> None:
+    redirect_catch_all(cli)
+
+    assert cli.ok("mailbox", "set", "bob@example.test", "--no-catch-all") == (
+        "bob@example.test is no longer the catch-all of example.test\n"
+        "bob@example.test no longer verifies recipients\n"
+    )
+    bob = cli.load().directory.mailboxes["bob@example.test"]
+    assert (bob.mode, bob.verify_recipients) == ("redirect", False)
+
+
+def test_verify_recipients_is_set_and_removed_on_a_redirect_catch_all(
+    cli: Cli,
+) -> None:
+    output = cli.ok(
+        *("mailbox", "set", "bob@example.test", "--mode", "redirect"),
+        *("--next-hop", HOP, "--catch-all", "--verify-recipients"),
+    )
+
+    assert output.splitlines()[-2:] == [
+        "bob@example.test is now the catch-all of example.test",
+        "bob@example.test now verifies recipients at its next hop",
+    ]
+    assert cli.load().directory.mailboxes["bob@example.test"].verify_recipients
+    assert "verify_recipients = true\n" in mailbox_table(cli, "bob@example.test")
+
+    assert cli.ok("mailbox", "set", "bob@example.test", "--no-verify-recipients") == (
+        "bob@example.test no longer verifies recipients\n"
+    )
+    assert "verify_recipients" not in cli.text()
+
+
+def test_verify_recipients_is_refused_on_a_redirect_that_is_not_catch_all(
+    cli: Cli,
+) -> None:
+    cli.ok(
+        *("mailbox", "set", "bob@example.test", "--mode", "redirect"),
+        *("--next-hop", HOP),
+    )
+
+    assert cli.refused("mailbox", "set", "bob@example.test", "--verify-recipients") == (
+        f'powermail: {cli.path}: mailboxes."bob@example.test".verify_recipients: '
+        "applies only to a domain's catch-all in redirect mode\n"
+    )
+
+
+def test_redirect_and_catch_all_edits_keep_every_comment(cli: Cli) -> None:
+    original = comments(cli.text())
+    demo = "# Demo passwords (see README.md): alice-demo and bob-demo.\n"
+
+    cli.ok(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", HOP, "--next-hop-tls", "required"),
+    )
+    redirect_catch_all(cli, "carol@example.test")
+    assert demo + '[mailboxes."alice@example.test"]\n' in cli.text()
+    cli.ok("mailbox", "set", "alice@example.test", "--catch-all")
+    cli.ok(
+        "mailbox", "set", "alice@example.test", "--mode", "redirect", "--next-hop", HOP
+    )
+    cli.ok("mailbox", "set", "alice@example.test", "--mode", "local", "--no-catch-all")
+    cli.ok("mailbox", "remove", "carol@example.test")
+
+    assert comments(cli.text()) == original
+    assert demo + '[mailboxes."alice@example.test"]\n' in cli.text()
+
+
+def test_mailbox_list_shows_next_hop_and_catch_all(cli: Cli) -> None:
+    cli.ok(
+        *("mailbox", "add", "carol@example.test", "--mode", "redirect"),
+        *("--next-hop", "mx.other.test", "--next-hop-tls", "required"),
+    )
+    redirect_catch_all(cli)
+
+    assert cli.ok("mailbox", "list") == (
+        "alice@example.test  local\n"
+        f"bob@example.test    redirect to {HOP}, catch-all, verifies recipients\n"
+        "carol@example.test  redirect to mx.other.test, TLS required\n"
+    )
+
+    cli.ok("mailbox", "set", "alice@example.test", "--catch-all")
+
+    assert cli.ok("mailbox", "list").splitlines()[:2] == [
+        "alice@example.test  local, catch-all",
+        f"bob@example.test    redirect to {HOP}",
+    ]
 
 
 # -- alias --------------------------------------------------------------------

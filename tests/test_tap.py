@@ -117,10 +117,10 @@ listen = ["127.0.0.1:{port}"]
         (
             (
                 '[mailboxes."alice@example.test"]',
-                '[mailboxes."alice@example.test"]\nmode = "redirect"',
+                '[mailboxes."alice@example.test"]\nmode = "forward"',
             ),
             'mailboxes."alice@example.test".mode',
-            "'redirect' is not one of: local",
+            "'forward' is not one of: local, redirect",
         ),
         (
             ('[mailboxes."alice@example.test"]', '[mailboxes."al ice@example.test"]'),

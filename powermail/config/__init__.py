@@ -3,8 +3,10 @@
 from powermail.config._loader import (
     Config,
     ConfigError,
+    DnsSettings,
     Listen,
     MxSettings,
+    QueueSettings,
     ServerSettings,
     TlsSettings,
     load_config,
@@ -14,8 +16,10 @@ from powermail.config._loader import (
 __all__ = [
     "Config",
     "ConfigError",
+    "DnsSettings",
     "Listen",
     "MxSettings",
+    "QueueSettings",
     "ServerSettings",
     "TlsSettings",
     "load_config",

@@ -19,6 +19,7 @@ from powermail.config._schema import (
     DOMAIN_KEYS,
     MAILBOX_KEYS,
     MAILBOX_MODES,
+    NEXT_HOP_TLS,
     SECTIONS,
     Key,
 )
@@ -28,6 +29,8 @@ from powermail.passwords import is_password_hash
 __all__ = [
     "Config",
     "ConfigError",
+    "DnsSettings",
+    "QueueSettings",
     "Listen",
     "MxSettings",
     "ServerSettings",
@@ -81,6 +84,7 @@ class TlsSettings:
 
     certificate: Path | None
     private_key: Path | None
+    ca_file: Path | None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,22 @@ class MxSettings:
 
 
 @dataclass(frozen=True)
+class DnsSettings:
+    servers: tuple[Listen, ...]
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    retry_delays: tuple[int, ...]
+    max_age: int
+    delay_warning: int
+    smtp_port: int
+    max_per_destination: int
+    connect_timeout: int
+    command_timeout: int
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration of one PowerMail node."""
 
@@ -105,11 +125,13 @@ class Config:
     server: ServerSettings
     tls: TlsSettings
     mx: MxSettings
+    dns: DnsSettings
+    queue: QueueSettings
     directory: Directory
 
     def listener_settings(self) -> tuple[Any, ...]:
-        """What only a restart can change: listeners and TLS files."""
-        return (self.server.data_dir, self.tls, self.mx.listen)
+        """What only a restart can change: data_dir, TLS files, listeners, DNS."""
+        return (self.server.data_dir, self.tls, self.mx.listen, self.dns.servers)
 
 
 class _Reader:
@@ -157,6 +179,25 @@ class _Reader:
             if kind == "path":
                 return (self.base / value).resolve() if value else None
             return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.error(
+                    where, f"must be true or false, not {_type_name(value)}"
+                )
+            return value
+        if kind == "ints":
+            if not isinstance(value, list) or not value:
+                raise self.error(where, "must be a non-empty list of integers")
+            item = Key("int", None, "", spec.minimum, spec.maximum)
+            return tuple(
+                self.value(f"{where}[{i}]", item, v) for i, v in enumerate(value)
+            )
+        if kind == "servers":
+            if not isinstance(value, list):
+                raise self.error(where, "must be a list of 'ip' or 'ip:port'")
+            return tuple(
+                self.server_address(f"{where}[{i}]", v) for i, v in enumerate(value)
+            )
         if kind == "listen":
             if not isinstance(value, list) or not value:
                 raise self.error(where, "must be a non-empty list of 'host:port'")
@@ -181,6 +222,15 @@ class _Reader:
         if not 0 < port < 65536:
             raise self.error(where, f"port {port} is out of range 1-65535")
         return Listen(host, port)
+
+    def server_address(self, where: str, value: Any) -> Listen:
+        """A DNS server: an IP address, with ':port' when not 53."""
+        if isinstance(value, str):
+            try:
+                return Listen(str(ipaddress.ip_address(value.strip("[]"))), 53)
+            except ValueError:
+                pass
+        return self.listen(where, value)
 
 
 def _type_name(value: Any) -> str:
@@ -234,6 +284,12 @@ def parse_config(text: str, path: str | Path) -> Config:
     )
     tls = reader.section("tls", SECTIONS["tls"], document.get("tls"), "tls")
     mx = reader.section("mx", SECTIONS["mx"], document.get("mx"), "mx")
+    dns = DnsSettings(
+        **reader.section("dns", SECTIONS["dns"], document.get("dns"), "dns")
+    )
+    queue = QueueSettings(
+        **reader.section("queue", SECTIONS["queue"], document.get("queue"), "queue")
+    )
 
     server = ServerSettings(**server)
     if server.data_dir is None:
@@ -255,7 +311,15 @@ def parse_config(text: str, path: str | Path) -> Config:
     _check_ports(reader, {"mx.listen": mx.listen})
 
     directory = _read_directory(reader, document, server.recipient_delimiter)
-    return Config(path=path, server=server, tls=tls, mx=mx, directory=directory)
+    return Config(
+        path=path,
+        server=server,
+        tls=tls,
+        mx=mx,
+        dns=dns,
+        queue=queue,
+        directory=directory,
+    )
 
 
 def _check_tls(reader: _Reader, tls: TlsSettings) -> None:
@@ -267,6 +331,7 @@ def _check_tls(reader: _Reader, tls: TlsSettings) -> None:
     for key, path in (
         ("tls.certificate", tls.certificate),
         ("tls.private_key", tls.private_key),
+        ("tls.ca_file", tls.ca_file),
     ):
         if path is not None and not path.is_file():
             raise reader.error(key, f"{path}: no such file")
@@ -350,7 +415,7 @@ def _read_directory(
                 f"{where}.password",
                 "must be an argon2 hash (set it with `powermail mailbox passwd`)",
             )
-        mailboxes[address.key] = Mailbox(address, settings["mode"], password)
+        mailboxes[address.key] = _mailbox(reader, where, address, settings, password)
 
     aliases: dict[str, tuple[str, ...]] = {}
     for text, targets in reader.table(document.get("aliases", {}), "aliases").items():
@@ -378,6 +443,15 @@ def _read_directory(
         if catch_all.key not in mailboxes:
             raise reader.error(where, f"{catch_all} is not a configured mailbox")
         domains[domain] = Domain(domain, catch_all.key)
+    catch_all_keys = {d.catch_all for d in domains.values()}
+    for mailbox in mailboxes.values():
+        if mailbox.verify_recipients and (
+            mailbox.mode != "redirect" or mailbox.key not in catch_all_keys
+        ):
+            raise reader.error(
+                f'mailboxes."{mailbox.address}".verify_recipients',
+                "applies only to a domain's catch-all in redirect mode",
+            )
 
     directory = Directory(
         domains=MappingProxyType(domains),
@@ -392,6 +466,8 @@ def _read_directory(
         except ResolveError as exc:
             raise reader.error(f'aliases."{key}"', str(exc)) from None
     for domain in domains:
+        if domains[domain].catch_all is not None:
+            continue  # the catch-all receives postmaster@ and abuse@ too
         for local in REQUIRED_ALIASES:
             key = f"{local}@{domain}"
             if directory.expand(key) is None:
@@ -400,6 +476,46 @@ def _read_directory(
                     f'{key} must be a mailbox or an alias to one (add aliases."{key}")',
                 )
     return directory
+
+
+def _mailbox(
+    reader: _Reader,
+    where: str,
+    address: Address,
+    settings: Mapping[str, Any],
+    password: str | None,
+) -> Mailbox:
+    """A mailbox with its mode's settings checked."""
+    from powermail.queue.nexthop import parse_next_hop
+
+    mode = settings["mode"]
+    next_hop = settings["next_hop"] or None
+    if settings["next_hop_tls"] not in NEXT_HOP_TLS:
+        raise reader.error(
+            f"{where}.next_hop_tls",
+            f"{settings['next_hop_tls']!r} is not one of: {', '.join(NEXT_HOP_TLS)}",
+        )
+    if mode == "redirect":
+        if next_hop is None:
+            raise reader.error(
+                f"{where}.next_hop", "a redirect mailbox needs a next hop"
+            )
+        try:
+            parse_next_hop(next_hop)
+        except ValueError as exc:
+            raise reader.error(f"{where}.next_hop", f"{next_hop!r}: {exc}") from None
+    elif next_hop is not None:
+        raise reader.error(
+            f"{where}.next_hop", "only a redirect mailbox has a next hop"
+        )
+    return Mailbox(
+        address,
+        mode,
+        password,
+        next_hop=next_hop,
+        next_hop_tls=settings["next_hop_tls"],
+        verify_recipients=settings["verify_recipients"],
+    )
 
 
 def _mailbox_address(reader: _Reader, where: str, text: str, domains) -> Address:

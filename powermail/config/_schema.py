@@ -10,14 +10,21 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Key", "SECTIONS", "MAILBOX_KEYS", "DOMAIN_KEYS", "MAILBOX_MODES"]
+__all__ = [
+    "DOMAIN_KEYS",
+    "Key",
+    "MAILBOX_KEYS",
+    "MAILBOX_MODES",
+    "NEXT_HOP_TLS",
+    "SECTIONS",
+]
 
 MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Key:
-    """One setting: ``kind`` is int, str, bool, path, listen or list.
+    """One setting: ``kind`` is int, ints, str, bool, path, listen or servers.
 
     ``default`` may be a callable, evaluated when a file leaves the key out.
     """
@@ -50,6 +57,37 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "tls": {
         "certificate": Key("path", "", "PEM certificate chain; empty: self-signed"),
         "private_key": Key("path", "", "PEM private key; empty: self-signed"),
+        "ca_file": Key(
+            "path", "", "CA certificates for verified next hops; empty: the system's"
+        ),
+    },
+    "dns": {
+        "servers": Key(
+            "servers", [], "DNS servers 'ip' or 'ip:port'; empty: the system's"
+        ),
+    },
+    "queue": {
+        "retry_delays": Key(
+            "ints",
+            [60, 300, 900, 1800, 3600, 7200, 14400],
+            "seconds before each retry; the last one repeats",
+            1,
+            86400,
+        ),
+        "max_age": Key("int", 5 * 86400, "seconds before a message is given up", 60),
+        "delay_warning": Key(
+            "int", 4 * 3600, "seconds before the sender is told of a delay; 0: never", 0
+        ),
+        "smtp_port": Key(
+            "int", 25, "port of next hops named without one (MX lookups)", 1, 65535
+        ),
+        "max_per_destination": Key(
+            "int", 10, "sessions at once to one next hop", 1, 1000
+        ),
+        "connect_timeout": Key("int", 30, "seconds to connect to a next hop", 1, 600),
+        "command_timeout": Key(
+            "int", 300, "seconds to wait for a next hop's reply", 1, 3600
+        ),
     },
     "mx": {
         "listen": Key("listen", ["127.0.0.1:25"], "addresses of the MX listener"),
@@ -71,13 +109,21 @@ SECTIONS: dict[str, dict[str, Key]] = {
     },
 }
 
-MAILBOX_MODES = ("local",)
+MAILBOX_MODES = ("local", "redirect")
+NEXT_HOP_TLS = ("none", "opportunistic", "required")
 
 DOMAIN_KEYS: dict[str, Key] = {
     "catch_all": Key("str", "", "mailbox that takes unknown local parts"),
 }
 
 MAILBOX_KEYS: dict[str, Key] = {
-    "mode": Key("str", "local", "local: stored here and read over IMAP"),
+    "mode": Key("str", "local", "local: stored here; redirect: sent to next_hop"),
     "password": Key("str", "", "argon2 hash made by `powermail mailbox passwd`"),
+    "next_hop": Key("str", "", "redirect: 'host', 'host:port', '[host]:port' or an IP"),
+    "next_hop_tls": Key(
+        "str", "opportunistic", "redirect: none, opportunistic, required"
+    ),
+    "verify_recipients": Key(
+        "bool", False, "redirect catch-all: ask the next hop at RCPT time"
+    ),
 }

@@ -34,7 +34,7 @@ from powermail.config._loader import (
     parse_config,
     read_config_text,
 )
-from powermail.config._schema import MAILBOX_MODES
+from powermail.config._schema import MAILBOX_KEYS, MAILBOX_MODES, NEXT_HOP_TLS
 
 __all__ = [
     "EditError",
@@ -46,11 +46,14 @@ __all__ = [
     "remove_alias",
     "remove_domain",
     "remove_mailbox",
+    "set_mailbox",
     "set_password",
     "write_atomically",
 ]
 
 _T = TypeVar("_T")
+
+_DEFAULT_TLS = MAILBOX_KEYS["next_hop_tls"].default
 
 #: Called once a change is known to be possible, to get the hash to store.
 PasswordSource = Callable[[], str]
@@ -229,9 +232,16 @@ def add_mailbox(
     address: str,
     *,
     mode: str = "local",
-    new_password_hash: PasswordSource,
+    next_hop: str | None = None,
+    next_hop_tls: str | None = None,
+    new_password_hash: PasswordSource | None = None,
 ) -> list[str]:
-    """Create mailbox ``address`` with the hash ``new_password_hash`` returns."""
+    """Create mailbox ``address``; a redirect one sends its mail to ``next_hop``.
+
+    ``new_password_hash``, when given, is called for the hash to store; a
+    redirect mailbox usually has none.  ``next_hop_tls`` is only written when
+    it is not the default.
+    """
     entries = _Entries.read(document)
     mailbox = _address(address)
     if mailbox.domain not in entries.domains:
@@ -240,12 +250,149 @@ def add_mailbox(
         raise EditError(f"{mailbox} is already a mailbox")
     if mailbox.key in entries.aliases:
         raise EditError(f"{mailbox} is already an alias")
-    if mode not in MAILBOX_MODES:
-        raise EditError(f"mode {mode!r} is not one of: {', '.join(MAILBOX_MODES)}")
+    _check_mode(mode)
+    _check_next_hop(next_hop)
+    _check_tls(next_hop_tls)
+    if mode == "redirect" and next_hop is None:
+        raise EditError("a redirect mailbox needs a next hop")
+    if mode == "local" and (next_hop is not None or next_hop_tls is not None):
+        raise EditError("only a redirect mailbox has a next hop")
 
-    table = _mailbox_table(mode, new_password_hash())
+    password_hash = new_password_hash() if new_password_hash is not None else None
+    table = _mailbox_table(mode, password_hash, next_hop, next_hop_tls)
     _add_entry(document, "mailboxes", str(mailbox), table)
-    return [f"added mailbox {mailbox} ({mode})"]
+    if mode == "local":
+        return [f"added mailbox {mailbox} (local)"]
+    tls = "" if next_hop_tls in (None, _DEFAULT_TLS) else f", TLS {next_hop_tls}"
+    return [f"added mailbox {mailbox} (redirect to {next_hop}{tls})"]
+
+
+def set_mailbox(
+    document: TOMLDocument,
+    address: str,
+    *,
+    mode: str | None = None,
+    next_hop: str | None = None,
+    next_hop_tls: str | None = None,
+    catch_all: bool | None = None,
+    verify_recipients: bool | None = None,
+) -> list[str]:
+    """Change what is given of mailbox ``address``'s settings; None keeps one.
+
+    A mailbox made local loses its next hop, TLS policy and recipient
+    verification.  ``catch_all=True`` makes it its domain's catch-all in place
+    of any other, which then stops verifying recipients; ``catch_all=False``
+    takes the role away only from this mailbox.  Returns one line per change.
+    """
+    entries = _Entries.read(document)
+    mailbox = entries.mailbox(_address(address))
+    name = mailbox.address
+    settings = mailbox.settings
+    _check_mode(mode)
+    _check_next_hop(next_hop)
+    _check_tls(next_hop_tls)
+    old_mode = settings.get("mode", "local")
+    new_mode = mode or old_mode
+    if new_mode == "local":
+        for given, what in (
+            (next_hop, "a next hop"),
+            (next_hop_tls, "a next hop TLS policy"),
+            (verify_recipients or None, "recipient verification"),
+        ):
+            if given is not None:
+                state = "is" if old_mode == "local" else "would be"
+                raise EditError(
+                    f"only a redirect mailbox has {what}, and {name} {state} local"
+                )
+    elif not (next_hop or settings.get("next_hop")):
+        raise EditError(f"{name} needs a next hop to be a redirect mailbox")
+
+    _container, item = _find_entry(document, "mailboxes", mailbox.text)
+    changes = _change_delivery(
+        item, mailbox, mode=new_mode, next_hop=next_hop, next_hop_tls=next_hop_tls
+    )
+    if catch_all is not None:
+        lines = _change_catch_all(document, entries, mailbox, catch_all)
+        # Only a catch-all may verify recipients: one that stops being it stops.
+        if not catch_all and lines and verify_recipients is None:
+            verify_recipients = False
+        changes += lines
+
+    was_verifying = settings.get("verify_recipients") is True
+    if verify_recipients and not was_verifying:
+        _set_key(item, "verify_recipients", True)
+        changes.append(f"{name} now verifies recipients at its next hop")
+    elif verify_recipients is False:
+        if _remove_key(item, "verify_recipients") and was_verifying:
+            changes.append(f"{name} no longer verifies recipients")
+
+    return changes or [f"{name} already has those settings"]
+
+
+def _change_delivery(
+    item: Any,
+    mailbox: _Mailbox,
+    *,
+    mode: str,
+    next_hop: str | None,
+    next_hop_tls: str | None,
+) -> list[str]:
+    """Set a mailbox's mode, next hop and TLS policy; a local one loses all."""
+    name, settings = mailbox.address, mailbox.settings
+    changes = []
+    if mode != settings.get("mode", "local"):
+        _set_key(item, "mode", mode)
+        changes.append(f"changed the mode of {name} to {mode}")
+    if mode == "local":
+        if _remove_key(item, "next_hop"):
+            changes.append(f"removed the next hop of {name}")
+        if _remove_key(item, "next_hop_tls"):
+            changes.append(f"removed the next hop TLS policy of {name}")
+        if _remove_key(item, "verify_recipients"):
+            changes.append(f"{name} no longer verifies recipients")
+        return changes
+
+    if next_hop is not None and next_hop != settings.get("next_hop"):
+        _set_key(item, "next_hop", next_hop)
+        changes.append(f"changed the next hop of {name} to {next_hop}")
+    if next_hop_tls is not None:
+        if next_hop_tls != settings.get("next_hop_tls", _DEFAULT_TLS):
+            changes.append(
+                f"changed the next hop TLS policy of {name} to {next_hop_tls}"
+            )
+        # The default is left out of the file, as `add_mailbox` does.
+        if next_hop_tls == _DEFAULT_TLS:
+            _remove_key(item, "next_hop_tls")
+        else:
+            _set_key(item, "next_hop_tls", next_hop_tls)
+    return changes
+
+
+def _change_catch_all(
+    document: TOMLDocument, entries: _Entries, mailbox: _Mailbox, catch_all: bool
+) -> list[str]:
+    """Make ``mailbox`` its domain's catch-all, or stop it being that."""
+    name = mailbox.address
+    domain = name.domain
+    current = entries.catch_alls.get(domain)
+    if not catch_all:
+        if current != name.key:
+            return []
+        _remove_key(_domain_table(document, entries, domain), "catch_all")
+        return [f"{name} is no longer the catch-all of {domain}"]
+    if current == name.key:
+        return []
+
+    _set_key(_domain_table(document, entries, domain), "catch_all", str(name))
+    previous = entries.mailboxes.get(current) if current else None
+    if previous is None:
+        return [f"{name} is now the catch-all of {domain}"]
+    changes = [f"{name} is now the catch-all of {domain}, replacing {previous.address}"]
+    if previous.settings.get("verify_recipients") is True:
+        _container, old_item = _find_entry(document, "mailboxes", previous.text)
+        _remove_key(old_item, "verify_recipients")
+        changes.append(f"{previous.address} no longer verifies recipients")
+    return changes
 
 
 def remove_mailbox(document: TOMLDocument, address: str) -> list[str]:
@@ -373,6 +520,7 @@ def _parsed_or_none(text: Any) -> Address | None:
 class _Mailbox:
     text: str
     address: Address
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -413,10 +561,12 @@ class _Entries:
             catch_all = _parsed_or_none(_mapping(raw).get("catch_all"))
             if catch_all is not None:
                 entries.catch_alls[domain] = catch_all.key
-        for text in _mapping(plain.get("mailboxes")):
+        for text, raw in _mapping(plain.get("mailboxes")).items():
             address = _parsed_or_none(text)
             if address is not None:
-                entries.mailboxes.setdefault(address.key, _Mailbox(text, address))
+                entries.mailboxes.setdefault(
+                    address.key, _Mailbox(text, address, _mapping(raw))
+                )
         for text, targets in _mapping(plain.get("aliases")).items():
             address = _parsed_or_none(text)
             if address is None or not isinstance(targets, list):
@@ -508,11 +658,45 @@ def _count(items: list[Any], one: str, many: str) -> str:
     return f"1 {one}" if len(items) == 1 else f"{len(items)} {many}"
 
 
-def _mailbox_table(mode: str, password_hash: str) -> Table:
+def _check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MAILBOX_MODES:
+        raise EditError(f"mode {mode!r} is not one of: {', '.join(MAILBOX_MODES)}")
+
+
+def _check_next_hop(next_hop: str | None) -> None:
+    if next_hop is not None and not next_hop.strip():
+        raise EditError("the next hop may not be empty")
+
+
+def _check_tls(policy: str | None) -> None:
+    if policy is not None and policy not in NEXT_HOP_TLS:
+        raise EditError(
+            f"next hop TLS {policy!r} is not one of: {', '.join(NEXT_HOP_TLS)}"
+        )
+
+
+def _mailbox_table(
+    mode: str,
+    password_hash: str | None,
+    next_hop: str | None = None,
+    next_hop_tls: str | None = None,
+) -> Table:
     table = tomlkit.table()
     table.add("mode", mode)
-    table.add("password", password_hash)
+    if next_hop is not None:
+        table.add("next_hop", next_hop)
+    if next_hop_tls not in (None, _DEFAULT_TLS):
+        table.add("next_hop_tls", next_hop_tls)
+    if password_hash is not None:
+        table.add("password", password_hash)
     return table
+
+
+def _domain_table(document: TOMLDocument, entries: _Entries, domain: str) -> Any:
+    if domain not in entries.domains:
+        raise EditError(f"no such domain {domain}")
+    _container, item = _find_entry(document, "domains", entries.domains[domain])
+    return item
 
 
 # -- Changing the document without disturbing its comments ---------------------
@@ -652,6 +836,14 @@ def _set_key(item: Any, key: str, value: Any) -> None:
         item[key] = value
     else:
         _add_key(item.value, key, value)
+
+
+def _remove_key(item: Any, key: str) -> bool:
+    """Remove ``key`` from a table, if there; whether it was."""
+    if key not in item:
+        return False
+    del item[key]
+    return True
 
 
 def _remove_targets(document: TOMLDocument, alias: _Alias, lost: set[str]) -> None:

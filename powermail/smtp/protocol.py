@@ -512,8 +512,15 @@ class SmtpServerProtocol(protocol.Protocol):
                 else replies.NEED_RCPT
             )
         self._msg_id = new_message_id()
-        self._sink = self.factory.policy.begin_message(self.session, envelope)
-        self._sink.write(self._trace_headers(envelope))
+        self._sink = self.factory.policy.begin_message(
+            self.session,
+            envelope,
+            msg_id=self._msg_id,
+            return_path=return_path_header(
+                str(envelope.sender) if envelope.sender else None
+            ),
+            received=self._received_header(envelope),
+        )
         self._body = BodyReader(
             self._sink.write,
             max_size=self.limits.max_message_size,
@@ -522,7 +529,7 @@ class SmtpServerProtocol(protocol.Protocol):
         self._send(replies.START_DATA)
         return None
 
-    def _trace_headers(self, envelope: Envelope) -> bytes:
+    def _received_header(self, envelope: Envelope) -> bytes:
         session = self.session
         kind = (
             "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
@@ -530,9 +537,7 @@ class SmtpServerProtocol(protocol.Protocol):
         if session.tls:
             kind += "S"
         recipients = envelope.recipients
-        return return_path_header(
-            str(envelope.sender) if envelope.sender else None
-        ) + received_header(
+        return received_header(
             helo=session.helo or "unknown",
             peer_ip=session.peer_ip,
             hostname=self.factory.hostname,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from powermail.address import Address
 
-__all__ = ["Envelope", "Recipient", "Session"]
+__all__ = ["Envelope", "Forward", "Recipient", "Session"]
 
 
 @dataclass
@@ -32,14 +32,25 @@ class Session:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A copy to send on: to ``recipient`` through ``next_hop``."""
+
+    recipient: str
+    next_hop: str
+    tls: str = "opportunistic"
+
+
+@dataclass(frozen=True)
 class Recipient:
     """An accepted recipient and what the policy decided to do with it.
 
-    ``maildirs`` are the folders a local delivery writes into.
+    ``maildirs`` are the folders a local delivery writes into; ``forwards``
+    the copies that go into the outbound queue.
     """
 
     address: Address
     maildirs: tuple = ()
+    forwards: tuple[Forward, ...] = ()
 
 
 @dataclass

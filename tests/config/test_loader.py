@@ -85,7 +85,7 @@ def test_unknown_key_in_a_mailbox_is_refused(path: Path) -> None:
 
     assert refusal(text, path) == (
         f'{path}: mailboxes."alice@example.test".quota: unknown key '
-        "(known: mode, password)"
+        "(known: mode, next_hop, next_hop_tls, password, verify_recipients)"
     )
 
 
@@ -94,7 +94,7 @@ def test_unknown_section_is_refused(path: Path) -> None:
 
     assert refusal(text, path) == (
         f"{path}: smtp: unknown section "
-        "(known: aliases, domains, mailboxes, mx, server, tls)"
+        "(known: aliases, dns, domains, mailboxes, mx, queue, server, tls)"
     )
 
 
@@ -194,12 +194,50 @@ def test_domain_without_abuse_is_refused(path: Path) -> None:
     )
 
 
-def test_mode_other_than_local_is_refused(path: Path) -> None:
-    text = SERVER + DOMAIN + ALICE + 'mode = "redirect"\n' + ALIASES
+def test_unknown_mode_is_refused(path: Path) -> None:
+    text = SERVER + DOMAIN + ALICE + 'mode = "forward"\n' + ALIASES
 
     assert refusal(text, path) == (
-        f"{path}: mailboxes.\"alice@example.test\".mode: 'redirect' is not one of: "
-        "local"
+        f"{path}: mailboxes.\"alice@example.test\".mode: 'forward' is not one of: "
+        "local, redirect"
+    )
+
+
+def test_redirect_needs_a_valid_next_hop(path: Path) -> None:
+    base = SERVER + DOMAIN + ALICE + 'mode = "redirect"\n'
+    where = f'{path}: mailboxes."alice@example.test"'
+    assert refusal(base + ALIASES, path) == (
+        f"{where}.next_hop: a redirect mailbox needs a next hop"
+    )
+    assert refusal(base + 'next_hop = "[mx.test]:99999"\n' + ALIASES, path).startswith(
+        f"{where}.next_hop: '[mx.test]:99999': "
+    )
+    assert refusal(
+        base + 'next_hop = "[mx.test]"\nnext_hop_tls = "always"\n' + ALIASES, path
+    ) == (
+        f"{where}.next_hop_tls: 'always' is not one of: none, opportunistic, required"
+    )
+
+
+def test_next_hop_on_a_local_mailbox_is_refused(path: Path) -> None:
+    text = SERVER + DOMAIN + ALICE + 'next_hop = "[mx.test]"\n' + ALIASES
+    assert refusal(text, path) == (
+        f'{path}: mailboxes."alice@example.test".next_hop: '
+        "only a redirect mailbox has a next hop"
+    )
+
+
+def test_verify_recipients_only_on_a_redirect_catch_all(path: Path) -> None:
+    text = (
+        SERVER
+        + DOMAIN
+        + ALICE
+        + 'mode = "redirect"\nnext_hop = "[mx.test]"\nverify_recipients = true\n'
+        + ALIASES
+    )
+    assert refusal(text, path) == (
+        f'{path}: mailboxes."alice@example.test".verify_recipients: '
+        "applies only to a domain's catch-all in redirect mode"
     )
 
 

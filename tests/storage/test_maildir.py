@@ -111,7 +111,7 @@ def test_concurrent_deliveries_share_directory_fsyncs(tmp_path, monkeypatch):
     """Group commit: every delivery is covered, with fewer fsyncs than messages."""
     import threading
 
-    from powermail.storage import maildir as module
+    from powermail.storage import files as module
 
     calls = []
     real = module.fsync_directory

@@ -1,0 +1,155 @@
+"""The control socket: how `powermail queue ...` reaches the running server.
+
+A UNIX socket at ``data_dir/control.sock``, mode 0600, that also checks the
+peer's user id (SO_PEERCRED): only the server's own user may use it.  Each
+request is one line of JSON, ``{"command": "queue.list", "id": ...}``; each
+answer one line, ``{"ok": true, "result": ...}`` or ``{"ok": false,
+"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from powermail.queue.runner import QueueRunner
+from powermail.queue.store import QueuedMessage
+
+__all__ = ["ControlFactory", "ControlProtocol", "describe_entry"]
+
+_log = Logger()
+MAX_REQUEST = 4096
+
+
+def describe_entry(entry: QueuedMessage, *, details: bool = False) -> dict[str, Any]:
+    """What the control socket tells of one queued message."""
+    summary: dict[str, Any] = {
+        "id": entry.id,
+        "sender": entry.sender,
+        "size": entry.size,
+        "created": entry.created,
+        "next_attempt": entry.next_attempt,
+        "attempts": entry.attempts,
+        "held": entry.held,
+        "recipients": [
+            {
+                "address": r.address,
+                "next_hop": r.next_hop,
+                "state": r.state,
+                **(
+                    {"last": f"{r.code} {r.status} {r.text}" if r.code else r.text}
+                    if details or r.text
+                    else {}
+                ),
+                **({"remote_mta": r.remote_mta, "tls": r.tls} if details else {}),
+            }
+            for r in entry.recipients
+        ],
+    }
+    return summary
+
+
+def _peer_uid(transport: Any) -> int | None:
+    handle = transport.getHandle()
+    try:
+        data = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", data)
+    return uid
+
+
+class ControlProtocol(LineOnlyReceiver):
+    """One administrator's connection: requests and answers, a line each."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        uid = _peer_uid(self.transport)
+        if uid != os.getuid():
+            _log.warn("control socket: refused user id {uid}", uid=uid)
+            self._answer({"ok": False, "error": "permission denied"})
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        self._answer({"ok": False, "error": "request too long"})
+        self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        try:
+            request = json.loads(line)
+            command = request["command"]
+        except (ValueError, KeyError, TypeError):
+            self._answer({"ok": False, "error": "not a JSON request with a command"})
+            return
+        d = defer.maybeDeferred(self.factory.handle, command, request)
+        d.addCallbacks(
+            lambda result: self._answer({"ok": True, "result": result}),
+            lambda failure: self._answer(
+                {"ok": False, "error": failure.getErrorMessage()}
+            ),
+        )
+
+    def _answer(self, answer: dict[str, Any]) -> None:
+        self.sendLine(json.dumps(answer, ensure_ascii=False).encode("utf-8"))
+
+
+class ControlError(Exception):
+    """A request that cannot be carried out; its text goes to the client."""
+
+
+class ControlFactory:
+    """Carries out control requests against the queue runner."""
+
+    protocol = ControlProtocol
+
+    def __init__(self, runner: QueueRunner) -> None:
+        self.runner = runner
+
+    # twisted.internet.protocol.Factory's interface, without its logging.
+    def doStart(self) -> None:  # noqa: N802
+        pass
+
+    def doStop(self) -> None:  # noqa: N802
+        pass
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:  # noqa: N802
+        proto = ControlProtocol()
+        proto.factory = self
+        return proto
+
+    def _entry(self, request: dict[str, Any]) -> QueuedMessage:
+        msg_id = request.get("id")
+        if not isinstance(msg_id, str) or msg_id not in self.runner.entries:
+            raise ControlError(f"no queued message {msg_id}")
+        return self.runner.entries[msg_id]
+
+    def handle(self, command: str, request: dict[str, Any]) -> Any:
+        runner = self.runner
+        if command == "queue.list":
+            return [describe_entry(e) for e in runner.entries.values()]
+        if command == "queue.show":
+            return describe_entry(self._entry(request), details=True)
+        if command == "queue.retry":
+            msg_id = request.get("id")
+            if msg_id is not None:
+                self._entry(request)
+            return runner.retry(msg_id)
+        if command == "queue.hold":
+            entry = self._entry(request)
+            return runner.hold(entry.id).addCallback(lambda _: entry.id)
+        if command == "queue.release":
+            entry = self._entry(request)
+            return runner.release(entry.id).addCallback(lambda _: entry.id)
+        if command == "queue.delete":
+            entry = self._entry(request)
+            return runner.delete(entry.id).addCallback(lambda _: entry.id)
+        raise ControlError(f"unknown command {command}")

@@ -1,0 +1,1 @@
+"""The outbound queue: durable storage, next hops, delivery, DSNs."""

@@ -1,0 +1,408 @@
+"""The queue runner: attempts, retries, bounces and delay warnings.
+
+Every committed message is attempted at once, then again after each delay
+of ``queue.retry_delays`` (the last repeats) until every recipient has a
+final answer or ``queue.max_age`` has passed.  Recipients are grouped by
+next hop: one SMTP transaction per destination carries all of its
+recipients, and only those that failed temporarily are tried again.  A
+permanent failure or the expiry bounces to the sender (RFC 3464), never for
+a message from ``<>`` and never for PowerMail's own reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from powermail.queue.dsn import FailedRecipient, build_dsn
+from powermail.queue.nexthop import NextHopError, NextHopResolver, parse_next_hop
+from powermail.queue.store import (
+    DELIVERED,
+    FAILED,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueStore,
+)
+from powermail.smtp.trace import new_message_id
+
+__all__ = ["QueueRunner"]
+
+_log = Logger()
+
+# A next hop that names its port ("[host]:2525", "host:2525"); without one,
+# queue.smtp_port applies.
+_EXPLICIT_PORT = re.compile(r"(\]|^[^:\[]+):\d+$")
+# Octets of a message read to quote its header section in a DSN.
+_HEADER_LIMIT = 256 * 1024
+
+
+def _utc(timestamp: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+
+
+class QueueRunner(Service):
+    """Schedules and runs the deliveries of every message in the queue.
+
+    ``settings`` returns the configuration in force (its ``queue``,
+    ``server`` and ``tls`` parts are read at each attempt); ``deliver`` is
+    ``queue.client.deliver`` or a test double with the same signature.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: QueueStore,
+        settings: Callable[[], Any],
+        resolver: NextHopResolver,
+        clock: IReactorTime,
+        deliver: Callable[..., defer.Deferred],
+        reactor: Any = None,
+        trust_root: Any = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.resolver = resolver
+        self.clock = clock
+        self.reactor = reactor if reactor is not None else clock
+        self.deliver = deliver
+        self.trust_root = trust_root
+        self.entries: dict[str, QueuedMessage] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self._in_flight: dict[str, defer.Deferred] = {}
+        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+
+    # Service
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        super().startService()
+        for entry in self.store.load_blocking():
+            self.entries[entry.id] = entry
+            self._schedule(entry)
+        if self.entries:
+            _log.info("queue: {count} messages to deliver", count=len(self.entries))
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        # Attempts under way finish (or fail) on their own; their results
+        # are recorded if the reactor still runs, else retried at start.
+        return defer.succeed(None)
+
+    # What the MX and the administrator call
+
+    def add(self, entry: QueuedMessage) -> None:
+        """A message just committed to the queue: attempt it at once."""
+        self.entries[entry.id] = entry
+        entry.next_attempt = self.clock.seconds()
+        self._schedule(entry)
+
+    def retry(self, msg_id: str | None = None) -> list[str]:
+        """Attempt now the given message, or every message not held."""
+        chosen = [self.entries[msg_id]] if msg_id else list(self.entries.values())
+        for entry in chosen:
+            entry.next_attempt = self.clock.seconds()
+            self._schedule(entry)
+        return [entry.id for entry in chosen]
+
+    def hold(self, msg_id: str) -> defer.Deferred:
+        entry = self.entries[msg_id]
+        entry.held = True
+        self._cancel(msg_id)
+        return self.store.save(entry)
+
+    def release(self, msg_id: str) -> defer.Deferred:
+        entry = self.entries[msg_id]
+        entry.held = False
+        d = self.store.save(entry)
+        d.addCallback(lambda _: self._schedule(entry))
+        return d
+
+    def delete(self, msg_id: str) -> defer.Deferred:
+        entry = self.entries.pop(msg_id)
+        self._cancel(msg_id)
+        _log.info("deleted {msg_id} from the queue", msg_id=msg_id)
+        return self.store.remove(entry)
+
+    # Scheduling
+
+    def _cancel(self, msg_id: str) -> None:
+        timer = self._timers.pop(msg_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _schedule(self, entry: QueuedMessage) -> None:
+        self._cancel(entry.id)
+        if entry.held or not self.running:
+            return
+        delay = max(0.0, entry.next_attempt - self.clock.seconds())
+        self._timers[entry.id] = self.clock.callLater(delay, self._attempt, entry.id)
+
+    def _attempt(self, msg_id: str) -> None:
+        self._timers.pop(msg_id, None)
+        entry = self.entries.get(msg_id)
+        if entry is None or entry.held or msg_id in self._in_flight:
+            return
+        d = defer.ensureDeferred(self._run(entry))
+        self._in_flight[msg_id] = d
+        d.addErrback(
+            lambda failure: _log.failure(
+                "queue attempt for {msg_id} failed", failure, msg_id=msg_id
+            )
+        )
+        d.addBoth(self._attempt_done, msg_id)
+
+    def _attempt_done(self, _: object, msg_id: str) -> None:
+        self._in_flight.pop(msg_id, None)
+
+    async def _run(self, entry: QueuedMessage) -> None:
+        groups: dict[tuple[str, str], list[QueuedRecipient]] = {}
+        for recipient in entry.pending:
+            groups.setdefault((recipient.next_hop, recipient.tls), []).append(recipient)
+        newly_failed: list[QueuedRecipient] = []
+        attempts = [
+            defer.ensureDeferred(
+                self._deliver_group(entry, hop, tls, group, newly_failed)
+            )
+            for (hop, tls), group in groups.items()
+        ]
+        await defer.gatherResults(attempts, consumeErrors=True)
+        entry.attempts += 1
+        now = self.clock.seconds()
+        settings = self.settings().queue
+        if entry.pending and now - entry.created >= settings.max_age:
+            for recipient in entry.pending:
+                recipient.state = FAILED
+                recipient.status = "4.4.7"
+                recipient.text = (
+                    f"gave up after {entry.attempts} attempts: {recipient.text or ''}"
+                ).strip()
+                newly_failed.append(recipient)
+        if newly_failed:
+            await self._report(entry, newly_failed, "failed")
+        elif (
+            entry.pending
+            and not entry.delay_warned
+            and settings.delay_warning
+            and now - entry.created >= settings.delay_warning
+        ):
+            await self._report(entry, entry.pending, "delayed")
+            entry.delay_warned = True
+        if not entry.pending:
+            self.entries.pop(entry.id, None)
+            await self.store.remove(entry)
+            return
+        delays = settings.retry_delays
+        entry.next_attempt = now + delays[min(entry.attempts - 1, len(delays) - 1)]
+        await self.store.save(entry)
+        if entry.id in self.entries:
+            self._schedule(entry)
+
+    def _semaphore(self, hop: str) -> defer.DeferredSemaphore:
+        limit = self.settings().queue.max_per_destination
+        semaphore = self._semaphores.get(hop)
+        if semaphore is None or semaphore.limit != limit:
+            semaphore = self._semaphores[hop] = defer.DeferredSemaphore(limit)
+        return semaphore
+
+    async def _deliver_group(
+        self,
+        entry: QueuedMessage,
+        hop_text: str,
+        tls: str,
+        recipients: list[QueuedRecipient],
+        newly_failed: list[QueuedRecipient],
+    ) -> None:
+        semaphore = self._semaphore(hop_text)
+        await semaphore.acquire()
+        try:
+            await self._deliver_group_now(
+                entry, hop_text, tls, recipients, newly_failed
+            )
+        finally:
+            semaphore.release()
+
+    async def _deliver_group_now(
+        self,
+        entry: QueuedMessage,
+        hop_text: str,
+        tls: str,
+        recipients: list[QueuedRecipient],
+        newly_failed: list[QueuedRecipient],
+    ) -> None:
+        config = self.settings()
+        try:
+            hop = parse_next_hop(hop_text)
+            if not _EXPLICIT_PORT.search(hop_text):
+                hop = dataclasses.replace(hop, port=config.queue.smtp_port)
+            targets = await self.resolver.targets(hop)
+        except (NextHopError, ValueError) as exc:
+            permanent = getattr(exc, "permanent", True)
+            status = getattr(exc, "status", None)
+            for recipient in recipients:
+                self._record(
+                    entry,
+                    recipient,
+                    code=550 if permanent else 451,
+                    status=status or ("5.4.4" if permanent else "4.4.3"),
+                    text=f"next hop {hop_text}: {exc}",
+                    remote=None,
+                    newly_failed=newly_failed,
+                )
+            return
+        waiting = {r.address: r for r in recipients}
+        for target in targets:
+            outcome = await self.deliver(
+                self.reactor,
+                host=target.address,
+                port=target.port,
+                helo=config.server.hostname,
+                sender=entry.sender or None,
+                recipients=list(waiting),
+                message=self.store.message_path(entry.id),
+                size=entry.size,
+                smtputf8=entry.smtputf8,
+                eight_bit=entry.eight_bit,
+                tls=tls,
+                tls_hostname=target.hostname,
+                trust_root=self.trust_root,
+                timeout=config.queue.command_timeout,
+                connect_timeout=config.queue.connect_timeout,
+            )
+            remote = f"{target.hostname} [{target.address}]:{target.port}"
+            for result in outcome.outcomes:
+                recipient = waiting.get(result.recipient)
+                if recipient is None:
+                    continue
+                self._record(
+                    entry,
+                    recipient,
+                    code=result.code,
+                    status=result.status,
+                    text=result.text,
+                    remote=remote,
+                    newly_failed=newly_failed,
+                )
+            if any(not r.temporary for r in outcome.outcomes):
+                # This host answered for the recipients: no other MX is tried.
+                return
+            waiting = {
+                a: r for a, r in waiting.items() if r.state not in (DELIVERED, FAILED)
+            }
+            if not waiting:
+                return
+
+    def _record(
+        self,
+        entry: QueuedMessage,
+        recipient: QueuedRecipient,
+        *,
+        code: int,
+        status: str,
+        text: str,
+        remote: str | None,
+        newly_failed: list[QueuedRecipient],
+    ) -> None:
+        recipient.attempts += 1
+        recipient.code, recipient.status, recipient.text = code, status, text
+        recipient.remote_mta = remote
+        fields = dict(
+            msg_id=entry.id,
+            rcpt=recipient.address,
+            remote=remote or recipient.next_hop,
+            code=code,
+            status=status,
+            text=text,
+        )
+        if 200 <= code < 300:
+            recipient.state = DELIVERED
+            _log.info(
+                "delivered {msg_id} to <{rcpt}> via {remote}: {code} {status} {text}",
+                **fields,
+            )
+        elif 500 <= code < 600:
+            recipient.state = FAILED
+            newly_failed.append(recipient)
+            _log.warn(
+                "bounced {msg_id} for <{rcpt}> via {remote}: {code} {status} {text}",
+                **fields,
+            )
+        else:
+            _log.info(
+                "deferred {msg_id} for <{rcpt}> via {remote}: {code} {status} {text}",
+                **fields,
+            )
+
+    # Reports to the sender
+
+    async def _report(
+        self, entry: QueuedMessage, recipients: list[QueuedRecipient], action: str
+    ) -> None:
+        if not entry.sender or entry.is_report:
+            return
+        settings = self.settings()
+        header_bytes = await self.store.run_blocking(self._read_headers, entry.id)
+        until = _utc(entry.created + settings.queue.max_age)
+        failed = [
+            FailedRecipient(
+                recipient=r.address,
+                action=action,
+                status=r.status or ("4.0.0" if action == "delayed" else "5.0.0"),
+                diagnostic=f"{r.code} {r.status} {r.text}" if r.code else r.text,
+                remote_mta=r.remote_mta.split(" ")[0] if r.remote_mta else None,
+                last_attempt=_utc(self.clock.seconds()),
+                will_retry_until=until if action == "delayed" else None,
+            )
+            for r in recipients
+        ]
+        report = build_dsn(
+            reporting_mta=settings.server.hostname,
+            sender=entry.sender,
+            msg_id=entry.id,
+            arrival=_utc(entry.created),
+            recipients=failed,
+            original=header_bytes,
+            now=_utc(self.clock.seconds()),
+            smtputf8=entry.smtputf8,
+        )
+        domain = entry.sender.rpartition("@")[2]
+        if settings.directory.is_hosted(domain.lower()):
+            # Our own sender: the report goes through our own MX, which
+            # stores or forwards it as for any message, not out to DNS.
+            listen = settings.mx.listen[0]
+            domain = f"[{listen.host}]:{listen.port}"
+        dsn = QueuedMessage(
+            id=new_message_id(),
+            sender="",
+            created=self.clock.seconds(),
+            size=len(report),
+            smtputf8=entry.smtputf8,
+            eight_bit=entry.smtputf8,
+            recipients=[QueuedRecipient(entry.sender, domain)],
+            is_report=True,
+        )
+        await self.store.run_blocking(self.store.enqueue_blocking, dsn, report)
+        _log.info(
+            "sent {action} report {dsn_id} for {msg_id} to <{sender}>",
+            action=action,
+            dsn_id=dsn.id,
+            msg_id=entry.id,
+            sender=entry.sender,
+        )
+        self.add(dsn)
+
+    def _read_headers(self, msg_id: str) -> bytes:
+        with open(self.store.message_path(msg_id), "rb") as file:
+            head = file.read(_HEADER_LIMIT)
+        end = head.find(b"\r\n\r\n")
+        return head if end < 0 else head[: end + 4]

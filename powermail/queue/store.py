@@ -1,0 +1,239 @@
+"""The durable outbound queue on disk.
+
+Each message is two files in ``queue/messages/``: ``ID.eml``, the message
+exactly as it will be sent (CRLF line ends), and ``ID.json``, its envelope
+and per-recipient state in a versioned JSON a person can read.  The JSON is
+written last: a message whose JSON exists is committed; an ``.eml`` without
+one was never acknowledged and is removed at start.  Every write is a
+temporary file, fsync, rename, then an fsync of the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from powermail.storage.files import (
+    DirectorySyncs,
+    fsync_directory,
+    unlink_quietly,
+    write_durably,
+)
+from powermail.storage.spool import SPILL_THRESHOLD, SpoolFile
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QueueDelivery",
+    "QueueStore",
+    "QueuedMessage",
+    "QueuedRecipient",
+]
+
+_log = Logger()
+FORMAT_VERSION = 1
+RunBlocking = Callable[..., Deferred]
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+
+@dataclass
+class QueuedRecipient:
+    """One envelope recipient and what became of it so far."""
+
+    address: str
+    next_hop: str
+    tls: str = "opportunistic"
+    state: str = PENDING
+    attempts: int = 0
+    code: int | None = None
+    status: str | None = None
+    text: str | None = None
+    remote_mta: str | None = None
+
+
+@dataclass
+class QueuedMessage:
+    """A message in the queue: envelope, schedule and recipients' states."""
+
+    id: str
+    sender: str
+    created: float
+    size: int
+    smtputf8: bool = False
+    eight_bit: bool = False
+    recipients: list[QueuedRecipient] = field(default_factory=list)
+    next_attempt: float = 0.0
+    attempts: int = 0
+    held: bool = False
+    delay_warned: bool = False
+    # Set for the DSNs PowerMail itself sends, which never bounce.
+    is_report: bool = False
+
+    @property
+    def pending(self) -> list[QueuedRecipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def to_json(self) -> bytes:
+        data = {"version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, text: bytes) -> QueuedMessage:
+        data = json.loads(text)
+        version = data.pop("version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unknown queue format version {version!r}")
+        recipients = [QueuedRecipient(**r) for r in data.pop("recipients")]
+        return cls(recipients=recipients, **data)
+
+
+class QueueStore:
+    """The files of the queue under ``root``; blocking work runs in threads."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        run_blocking: RunBlocking = deferToThread,
+        spill_threshold: int = SPILL_THRESHOLD,
+    ) -> None:
+        self.root = root
+        self.messages = root / "messages"
+        self.tmp = root / "tmp"
+        self.run_blocking = run_blocking
+        self.spill_threshold = spill_threshold
+        self._syncs = DirectorySyncs()
+
+    def ensure_blocking(self) -> None:
+        """Create the queue's folders durably (at start)."""
+        for folder in (self.root, self.messages, self.tmp):
+            if not folder.is_dir():
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fsync_directory(folder.parent)
+
+    def message_path(self, msg_id: str) -> Path:
+        return self.messages / f"{msg_id}.eml"
+
+    def _envelope_path(self, msg_id: str) -> Path:
+        return self.messages / f"{msg_id}.json"
+
+    def begin(self, entry: QueuedMessage) -> QueueDelivery:
+        """Start writing ``entry``'s message; commit makes it part of the queue."""
+        return QueueDelivery(self, entry)
+
+    def load_blocking(self) -> list[QueuedMessage]:
+        """Every committed message; leftovers of unacknowledged ones are removed."""
+        self.ensure_blocking()
+        for leftover in self.tmp.iterdir():
+            unlink_quietly(leftover)
+        entries = []
+        names = {p.name for p in self.messages.iterdir()}
+        for name in sorted(names):
+            if name.endswith(".json.tmp"):
+                unlink_quietly(self.messages / name)
+                continue
+            if not name.endswith(".eml"):
+                continue
+            msg_id = name[: -len(".eml")]
+            envelope = self._envelope_path(msg_id)
+            if f"{msg_id}.json" not in names:
+                # The envelope comes last: without it, no 250 was ever sent.
+                unlink_quietly(self.messages / name)
+                continue
+            try:
+                entries.append(QueuedMessage.from_json(envelope.read_bytes()))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                _log.error(
+                    "queue entry {msg_id} unreadable, left in place: {error}",
+                    msg_id=msg_id,
+                    error=exc,
+                )
+        return entries
+
+    def save(self, entry: QueuedMessage) -> Deferred[None]:
+        """Record ``entry``'s new state durably."""
+        return self.run_blocking(self.save_blocking, entry)
+
+    def save_blocking(self, entry: QueuedMessage) -> None:
+        write_durably(self._envelope_path(entry.id), entry.to_json())
+        self._syncs.sync(self.messages)
+
+    def remove(self, entry: QueuedMessage) -> Deferred[None]:
+        """Take ``entry`` out of the queue (delivered, bounced or deleted)."""
+        return self.run_blocking(self._remove_blocking, entry.id)
+
+    def _remove_blocking(self, msg_id: str) -> None:
+        # The envelope goes first, so a crash in between leaves an .eml
+        # without envelope, which the next start removes.
+        unlink_quietly(self._envelope_path(msg_id))
+        unlink_quietly(self.message_path(msg_id))
+        self._syncs.sync(self.messages)
+
+    def enqueue_blocking(self, entry: QueuedMessage, data: bytes) -> None:
+        """Queue a message PowerMail writes itself (a DSN): file and envelope."""
+        spool = SpoolFile(self.tmp / entry.id, threshold=len(data) + 1)
+        spool.write(data)
+        self._commit_blocking(entry, spool)
+
+    def _commit_blocking(self, entry: QueuedMessage, spool: SpoolFile) -> None:
+        try:
+            spool.finish_blocking()
+            os.rename(spool.path, self.message_path(entry.id))
+            write_durably(self._envelope_path(entry.id), entry.to_json())
+        except BaseException:
+            unlink_quietly(spool.path)
+            unlink_quietly(self.message_path(entry.id))
+            raise
+        self._syncs.sync(self.messages)
+
+
+class QueueDelivery:
+    """One message on its way into the queue, written like a Maildir delivery."""
+
+    def __init__(self, store: QueueStore, entry: QueuedMessage) -> None:
+        self.store = store
+        self.entry = entry
+        self._finished = False
+        self._spool = SpoolFile(store.tmp / entry.id, threshold=store.spill_threshold)
+
+    def write(self, data: bytes) -> None:
+        assert not self._finished, "write after commit or abort"
+        self._spool.write(data)
+
+    def commit(self) -> Deferred[QueuedMessage]:
+        """Make message and envelope durable; fires with the entry."""
+        assert not self._finished, "commit twice"
+        self._finished = True
+        self.entry.size = self._spool.size
+        d = self.store.run_blocking(
+            self.store._commit_blocking, self.entry, self._spool
+        )
+        d.addCallback(lambda _: self.entry)
+        return d
+
+    def abort(self) -> None:
+        self._finished = True
+        self._spool.discard()
+
+
+def entry_summary(entry: QueuedMessage) -> dict[str, Any]:
+    """What `powermail queue list` shows of one entry."""
+    return {
+        "id": entry.id,
+        "sender": entry.sender,
+        "size": entry.size,
+        "created": entry.created,
+        "next_attempt": entry.next_attempt,
+        "held": entry.held,
+        "pending": [r.address for r in entry.pending],
+    }

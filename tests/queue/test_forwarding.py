@@ -1,0 +1,196 @@
+"""MX redirection through the real `twistd powermail`, to a real second MX.
+
+The second MX is aiosmtpd on loopback; bounces go to the sender's domain,
+found through a DNS server built from twisted.names on loopback.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import time
+
+import pytest
+from dns_server import start_dns_server
+from powermail_process import PowerMail, free_port, write_config
+from second_mx import Behaviour, SecondMx
+
+MESSAGE = (
+    b"From: Zoe <zoe@remote.test>\r\n"
+    b"To: carol@example.test\r\n"
+    b"Subject: forwarded\r\n"
+    b"\r\n"
+    b"line one\r\n"
+    b".a line with a dot\r\n"
+    b"end\r\n"
+)
+
+
+@pytest.fixture
+def dns():
+    process, port = start_dns_server(
+        {
+            "remote.test": {"MX": [[10, "mx.remote.test"]]},
+            "mx.remote.test": {"A": ["127.0.0.1"]},
+        }
+    )
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def forwarding(tmp_path, dns):
+    """PowerMail with carol (redirect), a redirect catch-all domain, and a peer."""
+    started = []
+
+    def start(behaviour: Behaviour | None = None, *, peer: bool = True):
+        second = SecondMx(behaviour=behaviour)
+        if peer:
+            second.start()
+        config = write_config(
+            tmp_path,
+            extra=f"""
+[mailboxes."carol@example.test"]
+mode = "redirect"
+next_hop = "[127.0.0.1]:{second.port}"
+
+[domains."corp.test"]
+catch_all = "admin@corp.test"
+
+[mailboxes."admin@corp.test"]
+mode = "redirect"
+next_hop = "[127.0.0.1]:{second.port}"
+
+[dns]
+servers = ["127.0.0.1:{dns}"]
+
+[queue]
+retry_delays = [1]
+smtp_port = {second.port}
+""",
+        )
+        server = PowerMail(config)
+        server.start()
+        started.append((server, second, peer))
+        return server, second
+
+    yield start
+    for server, second, peer in started:
+        server.stop()
+        if peer:
+            try:
+                second.stop()
+            except Exception:  # noqa: BLE001 (already stopped by the test)
+                pass
+
+
+def send(server: PowerMail, recipients: list[str], message: bytes = MESSAGE) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        assert client.sendmail("zoe@remote.test", recipients, message) == {}
+
+
+def forwarded_body(data: bytes) -> bytes:
+    """The message as forwarded, without the Received line PowerMail added."""
+    assert data.startswith(b"Received: from "), data[:200]
+    end = data.index(b"\r\n", data.index(b"\r\n\tby ") + 2)
+    rest = data[end + 2 :]
+    if rest.startswith(b"\tfor "):
+        rest = rest[rest.index(b"\r\n") + 2 :]
+    return rest
+
+
+def test_mixed_domain_stores_alice_and_forwards_carol(forwarding):
+    server, second = forwarding()
+    send(server, ["alice@example.test", "Carol@example.test"])
+    (got,) = second.wait_for(1)
+    assert got.mail_from == "zoe@remote.test"
+    assert got.rcpt_tos == ["Carol@example.test"]
+    assert b"Return-Path" not in got.data
+    assert forwarded_body(got.data) == MESSAGE
+    (local,) = server.messages("alice")
+    assert local.startswith(b"Return-Path: <zoe@remote.test>\r\nReceived: ")
+    assert local.endswith(MESSAGE)
+    log = server.wait_for_log("delivered ")
+    msg_id = log.split("accepted ")[1].split()[0]
+    assert f"delivered {msg_id} to <Carol@example.test>" in log
+
+
+def test_catch_all_forwards_with_the_original_recipients_in_one_transaction(forwarding):
+    server, second = forwarding()
+    send(server, ["sales@corp.test", "bob@corp.test", "postmaster@corp.test"])
+    (got,) = second.wait_for(1)
+    assert sorted(got.rcpt_tos) == [
+        "bob@corp.test",
+        "postmaster@corp.test",
+        "sales@corp.test",
+    ]
+    assert forwarded_body(got.data) == MESSAGE
+
+
+def test_refused_recipient_bounces_to_the_sender(forwarding):
+    server, second = forwarding(Behaviour(refuse={"bad@corp.test"}))
+    send(server, ["good@corp.test", "bad@corp.test"])
+    delivered, bounce = second.wait_for(2)
+    assert delivered.rcpt_tos == ["good@corp.test"]
+    assert bounce.mail_from == "<>"  # aiosmtpd writes the null sender so
+    assert bounce.rcpt_tos == ["zoe@remote.test"]
+    report = email.message_from_bytes(bounce.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(
+        p for p in report.walk() if p.get_content_type() == "message/delivery-status"
+    )
+    text = status.as_string()
+    assert "Final-Recipient: rfc822; bad@corp.test" in text
+    assert "Action: failed" in text and "Status: 5.1.1" in text
+    assert "550 5.1.1 no such user here" in text
+    headers = next(
+        p for p in report.walk() if p.get_content_type() == "text/rfc822-headers"
+    )
+    assert "Subject: forwarded" in headers.get_content()
+
+
+def test_temporary_failure_is_retried_until_accepted(forwarding):
+    server, second = forwarding(Behaviour(defer={"carol@example.test": 2}))
+    send(server, ["carol@example.test"])
+    (got,) = second.wait_for(1, timeout=20)
+    assert got.rcpt_tos == ["carol@example.test"]
+    log = server.log_text()
+    assert log.count("deferred ") == 2
+
+
+def test_kill_during_outage_loses_nothing(forwarding, tmp_path):
+    """Accepted while the next hop is down, then a kill -9: delivered after restart."""
+    server, second = forwarding(peer=False)
+    send(server, ["carol@example.test", "x@corp.test"])
+    server.wait_for_log("deferred ")
+    server.kill()
+    second.start()
+    server.start()
+    got = second.wait_for(1, timeout=20)
+    assert sorted(r for m in got for r in m.rcpt_tos) == [
+        "carol@example.test",
+        "x@corp.test",
+    ]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and list(
+        (server.data_dir / "queue/messages").iterdir()
+    ):
+        time.sleep(0.1)
+    assert list((server.data_dir / "queue/messages").iterdir()) == []
+
+
+def test_unknown_port_for_next_hop_is_a_config_error(tmp_path):
+    config = write_config(
+        tmp_path,
+        extra=f"""
+[mailboxes."carol@example.test"]
+mode = "redirect"
+next_hop = "[127.0.0.1]:{free_port()}:9"
+""",
+    )
+    server = PowerMail(config)
+    with pytest.raises(RuntimeError, match=r'mailboxes."carol@example.test".next_hop'):
+        server.start()
