@@ -43,17 +43,23 @@ def describe_entry(entry: QueuedMessage, *, details: bool = False) -> dict[str, 
                 "address": r.address,
                 "next_hop": r.next_hop,
                 "state": r.state,
-                **(
-                    {"last": f"{r.code} {r.status} {r.text}" if r.code else r.text}
-                    if details or r.text
-                    else {}
-                ),
+                **({"last": _last_reply(r)} if r.text else {}),
                 **({"remote_mta": r.remote_mta, "tls": r.tls} if details else {}),
             }
             for r in entry.recipients
         ],
     }
     return summary
+
+
+def _last_reply(recipient: Any) -> str:
+    """``450 4.2.0 text``; the code is left out when no server answered."""
+    parts = (
+        str(recipient.code) if recipient.code else None,
+        recipient.status,
+        recipient.text,
+    )
+    return " ".join(p for p in parts if p)
 
 
 def _peer_uid(transport: Any) -> int | None:

@@ -108,8 +108,9 @@ class QueueRunner(Service):
         self._schedule(entry)
 
     def retry(self, msg_id: str | None = None) -> list[str]:
-        """Attempt now the given message, or every message not held."""
+        """Attempt now the given message, or every message; held ones wait."""
         chosen = [self.entries[msg_id]] if msg_id else list(self.entries.values())
+        chosen = [entry for entry in chosen if not entry.held]
         for entry in chosen:
             entry.next_attempt = self.clock.seconds()
             self._schedule(entry)

@@ -45,7 +45,9 @@ def forwarding(tmp_path, dns):
     """PowerMail with carol (redirect), a redirect catch-all domain, and a peer."""
     started = []
 
-    def start(behaviour: Behaviour | None = None, *, peer: bool = True):
+    def start(
+        behaviour: Behaviour | None = None, *, peer: bool = True, retry_delay: int = 1
+    ):
         second = SecondMx(behaviour=behaviour)
         if peer:
             second.start()
@@ -67,7 +69,7 @@ next_hop = "[127.0.0.1]:{second.port}"
 servers = ["127.0.0.1:{dns}"]
 
 [queue]
-retry_delays = [1]
+retry_delays = [{retry_delay}]
 smtp_port = {second.port}
 """,
         )
@@ -194,3 +196,66 @@ next_hop = "[127.0.0.1]:{free_port()}:9"
     server = PowerMail(config)
     with pytest.raises(RuntimeError, match=r'mailboxes."carol@example.test".next_hop'):
         server.start()
+
+
+def powermail_cli(server: PowerMail, *args: str) -> str:
+    import subprocess
+    import sys
+
+    from powermail_process import environment
+
+    result = subprocess.run(
+        [sys.executable, "-m", "powermail.cli", "-c", str(server.config), *args],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_queue_commands_against_the_running_server(forwarding):
+    """list, show, hold, release, delete, and retry within two seconds."""
+    server, second = forwarding(peer=False, retry_delay=3600)
+    send(server, ["carol@example.test"])
+    send(server, ["x@corp.test"])
+    server.wait_for_log("deferred ")
+    listing = powermail_cli(server, "queue", "list")
+    assert listing.count("\n") == 2 and "carol@example.test" in listing
+    first_id = next(line.split()[0] for line in listing.splitlines() if "carol@" in line)
+    other_id = next(line.split()[0] for line in listing.splitlines() if "x@corp" in line)
+    shown = powermail_cli(server, "queue", "show", first_id)
+    assert "carol@example.test" in shown and "4.4.1 connection to" in shown
+    assert powermail_cli(server, "queue", "hold", first_id).strip() == f"held {first_id}"
+    assert powermail_cli(server, "queue", "delete", other_id).strip() == f"deleted {other_id}"
+
+    second.start()
+    # Held: a retry of everything leaves it alone.
+    powermail_cli(server, "queue", "retry")
+    time.sleep(1)
+    assert second.received == []
+    powermail_cli(server, "queue", "release", first_id)
+    time.sleep(0.5)
+    assert second.received == []  # released, next attempt still an hour away
+    started = time.monotonic()
+    powermail_cli(server, "queue", "retry", first_id)
+    (got,) = second.wait_for(1, timeout=2)
+    assert time.monotonic() - started < 2
+    assert got.rcpt_tos == ["carol@example.test"]
+    deadline = time.monotonic() + 5
+    while "queue is empty" not in powermail_cli(server, "queue", "list"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_switching_a_mailbox_to_local_applies_to_the_next_message(forwarding):
+    server, second = forwarding()
+    send(server, ["carol@example.test"])
+    second.wait_for(1)
+    powermail_cli(server, "mailbox", "set", "carol@example.test", "--mode", "local")
+    server.wait_for_log("reloaded")
+    send(server, ["carol@example.test"])
+    (stored,) = server.messages("carol")
+    assert stored.endswith(MESSAGE)
+    assert len(second.received) == 1
