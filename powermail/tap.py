@@ -21,6 +21,7 @@ from powermail import __version__
 from powermail.config import Config, ConfigError, Listen, load_config
 from powermail.config.watcher import ConfigWatcher, RunningConfig
 from powermail.control import ControlFactory
+from powermail.queue.callout import RecipientVerifier
 from powermail.queue.client import deliver
 from powermail.queue.nexthop import NextHopResolver, make_resolver
 from powermail.queue.runner import QueueRunner
@@ -134,12 +135,13 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
 
     store = MaildirStore(config.server.data_dir / "mail")
     queue = QueueStore(config.server.data_dir / "queue")
+    resolver = NextHopResolver(
+        make_resolver([(s.host, s.port) for s in config.dns.servers] or None)
+    )
     runner = QueueRunner(
         store=queue,
         settings=lambda: running.current,
-        resolver=NextHopResolver(
-            make_resolver([(s.host, s.port) for s in config.dns.servers] or None)
-        ),
+        resolver=resolver,
         clock=reactor,
         deliver=deliver,
         trust_root=options["trust_root"],
@@ -151,6 +153,12 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
         store=store,
         queue=queue,
         queued=runner.add,
+        verifier=RecipientVerifier(
+            resolver=resolver,
+            settings=lambda: running.current,
+            reactor=reactor,
+            trust_root=options["trust_root"],
+        ),
     )
     factory = SmtpFactory(
         policy=policy,

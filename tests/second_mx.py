@@ -33,9 +33,11 @@ class _Handler:
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.received: list[Received] = []
+        self.rcpt_asked: list[str] = []
         self.lock = threading.Lock()
 
     async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: N802
+        self.rcpt_asked.append(address)
         if address in self.behaviour.refuse:
             return "550 5.1.1 no such user here"
         left = self.behaviour.defer.get(address, 0)

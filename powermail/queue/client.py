@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["RecipientOutcome", "SessionOutcome", "deliver"]
+__all__ = ["RecipientOutcome", "SessionOutcome", "deliver", "verify"]
 
 _log = Logger()
 
@@ -90,6 +90,48 @@ class SessionOutcome:
     port: int
     tls: bool
     outcomes: tuple[RecipientOutcome, ...]
+
+
+def verify(
+    reactor: Any,
+    *,
+    host: str,
+    port: int,
+    helo: str,
+    recipient: str,
+    tls: str = "opportunistic",
+    tls_hostname: str | None = None,
+    trust_root: Any = None,
+    timeout: float = 30.0,
+    connect_timeout: float = 30.0,
+) -> defer.Deferred[RecipientOutcome]:
+    """Ask the server at host:port whether it takes mail for ``recipient``.
+
+    A callout: EHLO, ``MAIL FROM:<>``, ``RCPT TO``, QUIT, and no message.
+    Fires with the outcome for the recipient (2xx: it exists), never fails.
+    """
+    if tls not in TLS_POLICIES:
+        raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {tls!r}")
+    probe = _Delivery(
+        reactor,
+        host=host,
+        port=port,
+        helo=helo,
+        sender="",
+        recipients=[recipient],
+        message=None,
+        size=0,
+        smtputf8=False,
+        eight_bit=False,
+        tls=tls,
+        tls_hostname=tls_hostname or host,
+        trust_root=trust_root,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+    )
+    d = defer.Deferred.fromCoroutine(probe.run())
+    d.addCallback(lambda outcome: outcome.outcomes[0])
+    return d
 
 
 def deliver(
@@ -601,7 +643,7 @@ class _Delivery:
         helo: str,
         sender: str,
         recipients: list[str],
-        message: Path,
+        message: Path | None,
         size: int,
         smtputf8: bool,
         eight_bit: bool,
@@ -688,12 +730,13 @@ class _Delivery:
                 )
         if not self._unanswered():
             return
-        try:
-            self._file = self._message.open("rb")
-        except OSError as exc:
-            raise _SessionError(
-                0, "4.3.0", f"cannot read the message: {exc}", polite=False
-            ) from None
+        if self._message is not None:
+            try:
+                self._file = self._message.open("rb")
+            except OSError as exc:
+                raise _SessionError(
+                    0, "4.3.0", f"cannot read the message: {exc}", polite=False
+                ) from None
 
         connection = await self._connect()
         reply = await self._read("the greeting")
@@ -845,7 +888,7 @@ class _Delivery:
 
     async def _transaction(self, extensions: dict[str, str]) -> None:
         """MAIL, RCPT for each recipient, DATA and the message."""
-        assert self._connection is not None and self._file is not None
+        assert self._connection is not None
         connection = self._connection
         mail = f"MAIL FROM:<{self._sender}>"
         if "SIZE" in extensions:
@@ -872,7 +915,10 @@ class _Delivery:
             if not pipelining:
                 connection.send([rcpt])
             reply = await self._read("RCPT TO")
-            if reply.positive:
+            if reply.positive and self._file is None:
+                # A recipient check (verify): the RCPT reply is the answer.
+                self._answer(index, reply)
+            elif reply.positive:
                 accepted.append(index)
             elif reply.negative:
                 self._answer(index, reply)

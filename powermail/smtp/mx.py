@@ -45,11 +45,13 @@ class MxPolicy:
         store: MaildirStore,
         queue: QueueStore | None = None,
         queued: Callable[[QueuedMessage], None] = lambda entry: None,
+        verifier: Any = None,
     ) -> None:
         self._directory = directory
         self._store = store
         self._queue = queue
         self._queued = queued
+        self._verifier = verifier
 
     def check_sender(self, session: Session, envelope: Envelope) -> None:
         """Any envelope sender is accepted on the MX, our own domains too.
@@ -60,8 +62,12 @@ class MxPolicy:
 
     def check_recipient(
         self, session: Session, envelope: Envelope, address: Address
-    ) -> Recipient:
-        """Accept ``address`` or raise SmtpError with the refusal."""
+    ) -> Recipient | defer.Deferred:
+        """Accept ``address`` or raise SmtpError with the refusal.
+
+        A recipient that only a catch-all with ``verify_recipients`` takes is
+        first checked with the catch-all's next hop (``queue.callout``).
+        """
         directory = self._directory()
         if address.domain is not None:
             if address.literal or not directory.is_hosted(address.domain):
@@ -71,6 +77,23 @@ class MxPolicy:
         routes = directory.route(address)
         if not routes:
             raise SmtpError(replies.UNKNOWN_USER.format(address=address))
+        first = routes[0]
+        if first.catch_all and first.mailbox.verify_recipients and self._verifier:
+            d = self._verifier.check(
+                first.mailbox.next_hop, first.mailbox.next_hop_tls, str(first.recipient)
+            )
+            d.addCallback(self._verified, address, routes)
+            return d
+        return self._recipient(address, routes)
+
+    def _verified(self, outcome: Any, address: Address, routes: tuple) -> Recipient:
+        if outcome.permanent:
+            raise SmtpError(replies.UNKNOWN_USER.format(address=address))
+        if not outcome.delivered:
+            raise SmtpError(replies.UNVERIFIED.format(address=address))
+        return self._recipient(address, routes)
+
+    def _recipient(self, address: Address, routes: tuple) -> Recipient:
         maildirs = []
         forwards = []
         for route in routes:

@@ -73,6 +73,7 @@ TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary local problem, try again late
 DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+UNVERIFIED = Reply(450, "4.1.1", "Cannot verify {address} now, try again later")
 
 # Permanent failures: syntax and sequence
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognised")

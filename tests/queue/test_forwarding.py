@@ -46,7 +46,11 @@ def forwarding(tmp_path, dns):
     started = []
 
     def start(
-        behaviour: Behaviour | None = None, *, peer: bool = True, retry_delay: int = 1
+        behaviour: Behaviour | None = None,
+        *,
+        peer: bool = True,
+        retry_delay: int = 1,
+        verify: bool = False,
     ):
         second = SecondMx(behaviour=behaviour)
         if peer:
@@ -64,6 +68,7 @@ catch_all = "admin@corp.test"
 [mailboxes."admin@corp.test"]
 mode = "redirect"
 next_hop = "[127.0.0.1]:{second.port}"
+verify_recipients = {"true" if verify else "false"}
 
 [dns]
 servers = ["127.0.0.1:{dns}"]
@@ -223,12 +228,21 @@ def test_queue_commands_against_the_running_server(forwarding):
     server.wait_for_log("deferred ")
     listing = powermail_cli(server, "queue", "list")
     assert listing.count("\n") == 2 and "carol@example.test" in listing
-    first_id = next(line.split()[0] for line in listing.splitlines() if "carol@" in line)
-    other_id = next(line.split()[0] for line in listing.splitlines() if "x@corp" in line)
+    first_id = next(
+        line.split()[0] for line in listing.splitlines() if "carol@" in line
+    )
+    other_id = next(
+        line.split()[0] for line in listing.splitlines() if "x@corp" in line
+    )
     shown = powermail_cli(server, "queue", "show", first_id)
     assert "carol@example.test" in shown and "4.4.1 connection to" in shown
-    assert powermail_cli(server, "queue", "hold", first_id).strip() == f"held {first_id}"
-    assert powermail_cli(server, "queue", "delete", other_id).strip() == f"deleted {other_id}"
+    assert (
+        powermail_cli(server, "queue", "hold", first_id).strip() == f"held {first_id}"
+    )
+    assert (
+        powermail_cli(server, "queue", "delete", other_id).strip()
+        == f"deleted {other_id}"
+    )
 
     second.start()
     # Held: a retry of everything leaves it alone.
@@ -259,3 +273,48 @@ def test_switching_a_mailbox_to_local_applies_to_the_next_message(forwarding):
     (stored,) = server.messages("carol")
     assert stored.endswith(MESSAGE)
     assert len(second.received) == 1
+
+
+def test_catch_all_verifies_recipients_with_the_next_hop(forwarding):
+    """Refused downstream: 550 at RCPT; unknown or unreachable: 450, never 550."""
+    from smtp_wire import Wire
+
+    server, second = forwarding(
+        Behaviour(refuse={"bad@corp.test"}, defer={"later@corp.test": 5}), verify=True
+    )
+    wire = Wire(server.port)
+    wire.reply()
+    wire.command(b"EHLO client.test")
+    wire.command(b"MAIL FROM:<zoe@remote.test>")
+    assert wire.command(b"RCPT TO:<bad@corp.test>") == (
+        b"550 5.1.1 No such user here: bad@corp.test\r\n"
+    )
+    assert wire.command(b"RCPT TO:<later@corp.test>") == (
+        b"450 4.1.1 Cannot verify later@corp.test now, try again later\r\n"
+    )
+    assert wire.command(b"RCPT TO:<good@corp.test>") == b"250 2.1.5 Recipient OK\r\n"
+    # A recipient the catch-all does not take is not asked about.
+    assert wire.command(b"RCPT TO:<bob@example.test>") == b"250 2.1.5 Recipient OK\r\n"
+    wire.command(b"DATA")
+    assert wire.command(MESSAGE + b".").startswith(b"250 2.0.0")
+    delivered = second.wait_for(1)
+    assert delivered[0].rcpt_tos == ["good@corp.test"]
+    # The refusal is cached: asked once, refused again without asking.
+    wire.command(b"RSET")
+    wire.command(b"MAIL FROM:<zoe@remote.test>")
+    asked = second.handler.rcpt_asked.count("bad@corp.test")
+    assert wire.command(b"RCPT TO:<bad@corp.test>").startswith(b"550 5.1.1")
+    assert second.handler.rcpt_asked.count("bad@corp.test") == asked == 1
+
+
+def test_verification_with_the_next_hop_down_is_temporary(forwarding):
+    from smtp_wire import Wire
+
+    server, second = forwarding(peer=False, verify=True)
+    wire = Wire(server.port)
+    wire.reply()
+    wire.command(b"EHLO client.test")
+    wire.command(b"MAIL FROM:<zoe@remote.test>")
+    assert wire.command(b"RCPT TO:<anyone@corp.test>") == (
+        b"450 4.1.1 Cannot verify anyone@corp.test now, try again later\r\n"
+    )
