@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from powermail.queue.reencode import fit_for_transport
 from powermail.storage.files import (
     DirectorySyncs,
     fsync_directory,
@@ -185,9 +186,13 @@ class QueueStore:
         spool.write(data)
         self._commit_blocking(entry, spool)
 
-    def _commit_blocking(self, entry: QueuedMessage, spool: SpoolFile) -> None:
+    def _commit_blocking(
+        self, entry: QueuedMessage, spool: SpoolFile, fit: bool = False
+    ) -> None:
         try:
             spool.finish_blocking()
+            if fit:
+                self._fit_blocking(entry, spool.path)
             os.rename(spool.path, self.message_path(entry.id))
             write_durably(self._envelope_path(entry.id), entry.to_json())
         except BaseException:
@@ -195,6 +200,20 @@ class QueueStore:
             unlink_quietly(self.message_path(entry.id))
             raise
         self._syncs.sync(self.messages)
+
+    def _fit_blocking(self, entry: QueuedMessage, path: Path) -> None:
+        """Rewrite the spooled file so that no line exceeds 998 octets."""
+        data = path.read_bytes()
+        fitted = fit_for_transport(data)
+        if fitted is data:
+            return
+        replacement = SpoolFile(
+            path.with_name(path.name + ".fit"), threshold=len(fitted) + 1
+        )
+        replacement.write(fitted)
+        replacement.finish_blocking()
+        os.replace(replacement.path, path)
+        entry.size = len(fitted)
 
 
 class QueueDelivery:
@@ -210,13 +229,17 @@ class QueueDelivery:
         assert not self._finished, "write after commit or abort"
         self._spool.write(data)
 
-    def commit(self) -> Deferred[QueuedMessage]:
-        """Make message and envelope durable; fires with the entry."""
+    def commit(self, *, fit: bool = False) -> Deferred[QueuedMessage]:
+        """Make message and envelope durable; fires with the entry.
+
+        ``fit``: re-encode the parts with lines over 998 octets first
+        (``queue.reencode``), in the worker thread.
+        """
         assert not self._finished, "commit twice"
         self._finished = True
         self.entry.size = self._spool.size
         d = self.store.run_blocking(
-            self.store._commit_blocking, self.entry, self._spool
+            self.store._commit_blocking, self.entry, self._spool, fit
         )
         d.addCallback(lambda _: self.entry)
         return d

@@ -15,6 +15,9 @@ __all__ = ["BodyReader"]
 _CRLF = b"\r\n"
 _END_AT_START = b".\r\n"
 _END = b"\r\n.\r\n"
+# The longest line SMTP may carry (RFC 5321 4.5.3.1.6); longer ones are
+# accepted up to max_line, and re-encoded before the message is sent on.
+TRANSPORT_LINE = 998
 
 
 class BodyReader:
@@ -36,6 +39,8 @@ class BodyReader:
         self.too_big = False
         self.line_too_long = False
         self.bare_newline = False
+        # Known only once it passes TRANSPORT_LINE: lines up to it are fine.
+        self.longest_line = 0
         self._partial = b""
 
     @property
@@ -81,8 +86,9 @@ class BodyReader:
             self.bare_newline = True
         if lines.startswith(b".") or b"\r\n." in lines:
             lines = (_CRLF + lines).replace(b"\r\n.", _CRLF)[2:]
-        if not self.line_too_long and len(lines) - 2 * crlf > self.max_line:
+        if len(lines) - 2 * crlf > min(self.max_line, TRANSPORT_LINE):
             longest = max(map(len, lines.split(_CRLF)))
+            self.longest_line = max(self.longest_line, longest)
             if longest > self.max_line:
                 self.line_too_long = True
         self.size += len(lines)

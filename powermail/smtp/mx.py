@@ -17,7 +17,12 @@ from twisted.internet import defer
 
 from powermail.address import Address
 from powermail.directory import Directory
-from powermail.queue.store import QueuedMessage, QueuedRecipient, QueueStore
+from powermail.queue.store import (
+    QueueDelivery,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueStore,
+)
 from powermail.smtp import replies
 from powermail.smtp.replies import SmtpError
 from powermail.smtp.session import Envelope, Forward, Recipient, Session
@@ -167,11 +172,19 @@ class _Deliveries:
         for part in self._parts:
             part.write(data)
 
-    def commit(self) -> defer.Deferred:
-        """Fires once every copy is durable; fails if any copy failed."""
-        d = defer.gatherResults(
-            [part.commit() for part in self._parts], consumeErrors=True
-        )
+    def commit(self, *, long_lines: bool = False) -> defer.Deferred:
+        """Fires once every copy is durable; fails if any copy failed.
+
+        ``long_lines``: the message has lines over 998 octets, which the
+        copies sent on must not carry as they are.
+        """
+        commits = [
+            part.commit(fit=long_lines)
+            if isinstance(part, QueueDelivery)
+            else part.commit()
+            for part in self._parts
+        ]
+        d = defer.gatherResults(commits, consumeErrors=True)
         d.addCallback(self._committed)
         d.addErrback(lambda failure: failure.value.subFailure)
         return d

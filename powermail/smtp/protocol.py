@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from powermail.address import AddressError, parse_path
 from powermail.smtp import replies
-from powermail.smtp.data import BodyReader
+from powermail.smtp.data import TRANSPORT_LINE, BodyReader
 from powermail.smtp.replies import Reply, SmtpError
 from powermail.smtp.session import Envelope, Session
 from powermail.smtp.trace import new_message_id, received_header, return_path_header
@@ -580,7 +580,7 @@ class SmtpServerProtocol(protocol.Protocol):
             self._send(reply)
             return
         self._paused = True
-        d = sink.commit()
+        d = sink.commit(long_lines=body.longest_line > TRANSPORT_LINE)
         d.addCallback(self._stored, envelope, msg_id, body.size)
         d.addErrback(reply_for_failure, msg_id=msg_id)
         d.addCallback(self._answer_and_resume, "DATA-END")

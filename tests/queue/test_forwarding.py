@@ -318,3 +318,19 @@ def test_verification_with_the_next_hop_down_is_temporary(forwarding):
     assert wire.command(b"RCPT TO:<anyone@corp.test>") == (
         b"450 4.1.1 Cannot verify anyone@corp.test now, try again later\r\n"
     )
+
+
+def test_long_line_is_reencoded_on_the_way_out_only(forwarding):
+    server, second = forwarding()
+    body = b"x" * 5000
+    message = (
+        b"From: zoe@remote.test\r\nSubject: long\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + body + b"\r\n"
+    )
+    send(server, ["alice@example.test", "carol@example.test"], message)
+    (got,) = second.wait_for(1)
+    assert max(map(len, got.data.split(b"\r\n"))) <= 998
+    parsed = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert parsed.get_content() == body.decode() + "\r\n"
+    (local,) = server.messages("alice")
+    assert local.endswith(message)
