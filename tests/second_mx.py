@@ -62,7 +62,13 @@ class _Handler:
 class SecondMx:
     """Start with ``start()``; ``received`` lists what it accepted."""
 
-    def __init__(self, port: int | None = None, behaviour: Behaviour | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        behaviour: Behaviour | None = None,
+        *,
+        tls_context=None,
+    ):
         self.port = port or free_port()
         self.behaviour = behaviour or Behaviour()
         self.handler = _Handler(self.behaviour)
@@ -71,6 +77,7 @@ class SecondMx:
             hostname="127.0.0.1",
             port=self.port,
             enable_SMTPUTF8=True,
+            tls_context=tls_context,
         )
 
     @property
