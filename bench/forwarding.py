@@ -17,7 +17,8 @@ ratios is printed.
 Part 2, memory with a full queue.  The sink is stopped, a second PowerMail
 (retry_delays = [3600]) takes --queued messages for the dead next hop, and
 the RSS of its process is read after 1,000 queued messages and after all of
-them.  See bench/README.md.
+them (with --settle, also once every message was tried and after a restart
+on the full queue).  See bench/README.md.
 
 The same script is the sink when started as
 ``forwarding.py --sink-server PORT RECORDS``.
@@ -381,7 +382,9 @@ def send_and_collect(
     tag: str,
 ) -> Forwarded:
     """Send a load to ``target``, wait until the sink took it all, check it."""
-    records.take()
+    stray = records.take()
+    if stray:
+        raise BenchError(None, [f"{len(stray)} messages reached the sink late"])
     deferred.poll()
     deferred_before = deferred.count
     pm_cpu, sink_cpu = powermail.cpu_seconds(), sink.cpu_seconds()
@@ -470,43 +473,46 @@ def throughput(
     return ratios
 
 
-def _wait_until_settled(
-    server: Server, folder: Path, deferred: LogCounter, total: int
-) -> float:
-    """Wait until ``total`` messages are queued, each tried once, CPU idle."""
-    began = time.monotonic()
-    deadline = began + 60 + total / 50
+def _committed(folder: Path) -> int:
+    """How many messages the queue holds with their envelope written."""
+    path = folder / "data/queue/messages"
+    return sum(name.endswith(".json") for name in os.listdir(path))
+
+
+def _wait_until_tried(server: Server, deferred: LogCounter, total: int) -> float:
+    """Wait until each of ``total`` messages had its first attempt, CPU idle."""
+    began = since = time.monotonic()
+    seen = deferred.poll()
     while True:
         if server.process.poll() is not None:
             raise BenchError(server, [f"exited with {server.process.returncode}"])
-        if time.monotonic() > deadline:
-            raise BenchError(
-                server,
-                [
-                    f"not settled: {deferred.count} of {total} tried, "
-                    f"{len(queue_files(folder))} queue files"
-                ],
-            )
-        if deferred.poll() >= total:
-            names = queue_files(folder)
+        count = deferred.poll()
+        if count != seen:
+            seen, since = count, time.monotonic()
+        elif time.monotonic() - since > STALL_TIMEOUT:
+            raise BenchError(server, [f"only {seen} of {total} messages tried"])
+        if count >= total:
             cpu = server.cpu_seconds()
             time.sleep(0.5)
-            idle = server.cpu_seconds() - cpu < 0.02
-            if (
-                idle
-                and len(names) == 2 * total
-                and not any(n.startswith("tmp/") for n in names)
-            ):
+            if server.cpu_seconds() - cpu < 0.02:
                 return time.monotonic() - began
         else:
-            time.sleep(0.1)
+            time.sleep(0.2)
 
 
-def memory(args: argparse.Namespace, powermail: Server, folder: Path) -> None:
-    """Part 2: RSS of a PowerMail whose queue fills for a next hop that is down."""
+def _mib(octets: float) -> str:
+    return f"{octets / 2**20:.1f} MiB"
+
+
+def memory(args: argparse.Namespace, powermail: Server, folder: Path, restart) -> None:
+    """Part 2: RSS of a PowerMail whose queue fills for a next hop that is down.
+
+    ``restart`` stops ``powermail`` and starts it again on the same folder,
+    returning the new Server (only used with ``--settle``).
+    """
     wait_until_listening(powermail)
     start_rss = powermail.memory()["VmRSS"]
-    print(f"  PowerMail RSS at start: {start_rss / 2**20:.1f} MiB")
+    print(f"  PowerMail RSS at start, queue empty: {_mib(start_rss)}")
     deferred = LogCounter(powermail.log_path, DEFERRED)
     first = max(1, min(1000, args.queued // 10))
     total = 0
@@ -523,28 +529,51 @@ def memory(args: argparse.Namespace, powermail: Server, folder: Path) -> None:
         _check_load(powermail, result, count)
         total += count
         accept += result.seconds
-        settle = _wait_until_settled(powermail, folder, deferred, total)
         sizes = powermail.memory()
+        committed = _committed(folder)
+        if committed != total:
+            raise BenchError(powermail, [f"{committed} of {total} in the queue"])
         points.append((total, sizes["VmRSS"]))
         print(
-            f"  {total:6d} queued: RSS {sizes['VmRSS'] / 2**20:6.1f} MiB "
-            f"(anon {sizes.get('RssAnon', 0) / 2**20:.1f} MiB, peak "
-            f"{sizes.get('VmHWM', 0) / 2**20:.1f} MiB); these {count} accepted "
+            f"  {total:6d} queued: RSS {_mib(sizes['VmRSS'])} "
+            f"(anon {_mib(sizes.get('RssAnon', 0))}); these {count} accepted "
             f"in {result.seconds:.2f} s = {result.rate:.0f} msg/s "
-            f"(server CPU {_percent(result.server_cpu, result.seconds)}), "
-            f"all tried once {settle:.1f} s later",
+            f"(server CPU {_percent(result.server_cpu, result.seconds)}); "
+            f"{deferred.poll()} of {total} tried once so far",
             flush=True,
         )
     (n1, rss1), (n2, rss2) = points
     growth = rss2 - rss1
     print(
-        f"  RSS grew by {growth / 2**20:.1f} MiB from {n1} to {n2} queued: "
+        f"  RSS grew by {_mib(growth)} from {n1} to {n2} queued: "
         f"{growth / (n2 - n1):.0f} octets per queued message "
         f"(a message is {MESSAGE_SIZE} octets)"
     )
     print(
-        f"  the MX accepted all {total} in {accept:.2f} s = "
-        f"{total / accept:.0f} msg/s; {deferred.count} attempts deferred"
+        f"  the MX accepted all {total} in {accept:.2f} s = {total / accept:.0f} msg/s"
+    )
+    if not args.settle:
+        return
+    tried = deferred.poll()
+    waited = _wait_until_tried(powermail, deferred, total)
+    print(
+        f"  every message tried once {waited:.1f} s later "
+        f"({(deferred.count - tried) / waited:.0f} attempts/s): "
+        f"RSS {_mib(powermail.memory()['VmRSS'])}"
+    )
+    began = time.monotonic()
+    powermail = restart()
+    wait_until_listening(powermail, timeout=300)
+    listening = time.monotonic() - began
+    time.sleep(2)
+    rss = powermail.memory()["VmRSS"]
+    loaded = f"queue: {total} messages to deliver"
+    if loaded not in powermail.log_path.read_text(errors="replace"):
+        raise BenchError(powermail, [f"no {loaded!r} in its log"])
+    print(
+        f"  restarted with {total} queued (listening after {listening:.1f} s): "
+        f"RSS {_mib(rss)}, {(rss - start_rss) / total:.0f} octets per queued "
+        f"message over the empty start"
     )
 
 
@@ -611,15 +640,20 @@ def benchmark(args: argparse.Namespace) -> int:
         config = write_config(
             queued_folder, queued_port, sink_port, args.sessions, 3600
         )
-        queued = start_server(
-            "PowerMail-queued",
-            powermail_argv(config),
-            port=queued_port,
-            folder=queued_folder,
-        )
-        servers.append(queued)
-        memory(args, queued, queued_folder)
-        print(f"  PowerMail-queued stopped in {stop(queued):.1f} s")
+
+        def start_queued(name: str = "PowerMail-queued") -> Server:
+            server = start_server(
+                name, powermail_argv(config), port=queued_port, folder=queued_folder
+            )
+            servers.append(server)
+            return server
+
+        def restart() -> Server:
+            print(f"  {servers[-1].name} stopped in {stop(servers[-1]):.1f} s")
+            return start_queued("PowerMail-restarted")
+
+        memory(args, start_queued(), queued_folder, restart)
+        print(f"  {servers[-1].name} stopped in {stop(servers[-1]):.1f} s")
     except (BenchError, RuntimeError, OSError, queue.Empty) as exc:
         failed = True
         sys.stdout.flush()
@@ -669,6 +703,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=10000,
         help="messages queued for a dead next hop in part 2 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--settle",
+        action="store_true",
+        help="part 2: also wait until every queued message was tried once, "
+        "then restart PowerMail on the full queue and read its RSS again",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder and its logs"

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
 
 from powermail.queue.runner import QueueRunner
 from powermail.queue.store import QueuedMessage
@@ -26,6 +27,8 @@ __all__ = ["ControlFactory", "ControlProtocol", "describe_entry"]
 
 _log = Logger()
 MAX_REQUEST = 4096
+# Seconds a control connection may stay silent.
+IDLE_TIMEOUT = 60
 
 
 def describe_entry(entry: QueuedMessage, *, details: bool = False) -> dict[str, Any]:
@@ -72,28 +75,36 @@ def _peer_uid(transport: Any) -> int | None:
     return uid
 
 
-class ControlProtocol(LineOnlyReceiver):
+class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
     """One administrator's connection: requests and answers, a line each."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_REQUEST
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        self.setTimeout(IDLE_TIMEOUT)
         uid = _peer_uid(self.transport)
         if uid != os.getuid():
             _log.warn("control socket: refused user id {uid}", uid=uid)
             self._answer({"ok": False, "error": "permission denied"})
             self.transport.loseConnection()
 
+    def timeoutConnection(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        self.setTimeout(None)
+
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self._answer({"ok": False, "error": "request too long"})
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
         try:
             request = json.loads(line)
             command = request["command"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._answer({"ok": False, "error": "not a JSON request with a command"})
             return
         d = defer.maybeDeferred(self.factory.handle, command, request)

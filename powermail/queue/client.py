@@ -12,6 +12,7 @@ protocol problem, so the queue only has to read outcomes.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +23,11 @@ from typing import IO, Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error, protocol, ssl
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -301,6 +306,20 @@ def _stuff(chunk: bytes, at_line_start: bool) -> bytes:
     return stuffed
 
 
+def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A TCP endpoint: straight to an IP address, through DNS for a name.
+
+    HostnameEndpoint would also take an IP, but learns of a refused
+    connection only at its next 0.3 s tick.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return kind(reactor, host, port, timeout=timeout)
+
+
 def _describe(reason: BaseException, *, tls_hostname: str = "") -> str:
     """A short, readable account of why a connection or handshake ended."""
     if isinstance(reason, VerificationError):
@@ -401,6 +420,13 @@ class _ClientConnection(protocol.Protocol):
 
     # Twisted's Protocol interface.
 
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # Without it, the 5-octet end of data waits for the peer's delayed
+        # ACK of the body (Nagle): about 40 ms lost per message.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._failure is not None:
             return
@@ -458,8 +484,6 @@ class _ClientConnection(protocol.Protocol):
 
     def send(self, commands: list[str]) -> None:
         """Write commands in one segment (a pipelined group, or one command)."""
-        for command in commands:
-            _log.debug("sent {command} to {peer}", command=command, peer=self.peer)
         if not self._lost:
             self.transport.write(b"".join(c.encode() + b"\r\n" for c in commands))
 
@@ -544,7 +568,6 @@ class _ClientConnection(protocol.Protocol):
         reply = _parse_reply(self._lines)
         self._lines = []
         self._reply_size = 0
-        _log.debug("{peer} replied {reply}", peer=self.peer, reply=str(reply))
         if self._waiter is not None and self._waiting_kind == "reply":
             self._resolve("reply", reply)
         elif len(self._replies) >= MAX_UNREAD_REPLIES:
@@ -762,9 +785,7 @@ class _Delivery:
         connection = _ClientConnection(
             clock=self._reactor, timeout=self._timeout, peer=self.peer
         )
-        endpoint = HostnameEndpoint(
-            self._reactor, self.host, self.port, timeout=self._connect_timeout
-        )
+        endpoint = _endpoint(self._reactor, self.host, self.port, self._connect_timeout)
         try:
             await endpoint.connect(_OneConnectionFactory(connection))
         except error.ConnectionRefusedError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,8 @@ _log = Logger()
 # A next hop that names its port ("[host]:2525", "host:2525"); without one,
 # queue.smtp_port applies.
 _EXPLICIT_PORT = re.compile(r"(\]|^[^:\[]+):\d+$")
+# Attempts under way at once; messages due beyond that wait their turn.
+MAX_IN_FLIGHT = 100
 # Octets of a message read to quote its header section in a DSN.
 _HEADER_LIMIT = 256 * 1024
 
@@ -78,6 +81,7 @@ class QueueRunner(Service):
         self._timers: dict[str, IDelayedCall] = {}
         self._in_flight: dict[str, defer.Deferred] = {}
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+        self._due: deque[str] = deque()
 
     # Service
 
@@ -154,19 +158,32 @@ class QueueRunner(Service):
         entry = self.entries.get(msg_id)
         if entry is None or entry.held or msg_id in self._in_flight:
             return
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            # A backlog waits as ids, not as attempts holding their state.
+            self._due.append(msg_id)
+            return
         d = defer.ensureDeferred(self._run(entry))
         self._in_flight[msg_id] = d
-        d.addErrback(
-            lambda failure: _log.failure(
-                "queue attempt for {msg_id} failed", failure, msg_id=msg_id
-            )
-        )
         d.addBoth(self._attempt_done, msg_id)
 
     def _attempt_done(self, _: object, msg_id: str) -> None:
         self._in_flight.pop(msg_id, None)
+        while self._due and len(self._in_flight) < MAX_IN_FLIGHT:
+            self._attempt(self._due.popleft())
 
     async def _run(self, entry: QueuedMessage) -> None:
+        try:
+            await self._run_once(entry)
+        except Exception:
+            # Whatever went wrong (a full disk, a damaged file), the message
+            # stays queued and is tried again later, never forgotten.
+            _log.failure("queue attempt for {msg_id} failed", msg_id=entry.id)
+            if entry.id in self.entries:
+                delays = self.settings().queue.retry_delays
+                entry.next_attempt = self.clock.seconds() + delays[-1]
+                self._schedule(entry)
+
+    async def _run_once(self, entry: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list[QueuedRecipient]] = {}
         for recipient in entry.pending:
             groups.setdefault((recipient.next_hop, recipient.tls), []).append(recipient)
@@ -199,6 +216,8 @@ class QueueRunner(Service):
         ):
             await self._report(entry, entry.pending, "delayed")
             entry.delay_warned = True
+        if entry.id not in self.entries:
+            return  # deleted by the administrator meanwhile
         if not entry.pending:
             self.entries.pop(entry.id, None)
             await self.store.remove(entry)
@@ -294,6 +313,9 @@ class QueueRunner(Service):
                     remote=remote,
                     newly_failed=newly_failed,
                 )
+            if entry.id in self.entries:
+                # Recorded at once, so a crash now cannot deliver these again.
+                await self.store.save(entry)
             if any(not r.temporary for r in outcome.outcomes):
                 # This host answered for the recipients: no other MX is tried.
                 return
@@ -403,7 +425,13 @@ class QueueRunner(Service):
         self.add(dsn)
 
     def _read_headers(self, msg_id: str) -> bytes:
-        with open(self.store.message_path(msg_id), "rb") as file:
-            head = file.read(_HEADER_LIMIT)
+        try:
+            with open(self.store.message_path(msg_id), "rb") as file:
+                head = file.read(_HEADER_LIMIT)
+        except OSError as exc:
+            _log.error(
+                "cannot read {msg_id} for its report: {error}", msg_id=msg_id, error=exc
+            )
+            return b""
         end = head.find(b"\r\n\r\n")
         return head if end < 0 else head[: end + 4]

@@ -11,13 +11,15 @@ temporary file, fsync, rename, then an fsync of the folder.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -45,9 +47,12 @@ RunBlocking = Callable[..., Deferred]
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
+STATES = (PENDING, DELIVERED, FAILED)
+# Ids name files: letters, digits, and inner dashes or underscores only.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
-@dataclass
+@dataclass(slots=True)
 class QueuedRecipient:
     """One envelope recipient and what became of it so far."""
 
@@ -62,7 +67,7 @@ class QueuedRecipient:
     remote_mta: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class QueuedMessage:
     """A message in the queue: envelope, schedule and recipients' states."""
 
@@ -90,12 +95,56 @@ class QueuedMessage:
 
     @classmethod
     def from_json(cls, text: bytes) -> QueuedMessage:
-        data = json.loads(text)
+        """Read an envelope; ValueError says what is wrong with a bad one."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         version = data.pop("version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"unknown queue format version {version!r}")
-        recipients = [QueuedRecipient(**r) for r in data.pop("recipients")]
-        return cls(recipients=recipients, **data)
+        raw_recipients = data.pop("recipients", None)
+        if not isinstance(raw_recipients, list) or not all(
+            isinstance(r, dict) for r in raw_recipients
+        ):
+            raise ValueError("recipients must be a list of objects")
+        try:
+            entry = cls(
+                recipients=[QueuedRecipient(**r) for r in raw_recipients], **data
+            )
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        entry._check()
+        return entry
+
+    def _check(self) -> None:
+        if not isinstance(self.id, str) or not _SAFE_ID.fullmatch(self.id):
+            raise ValueError(f"bad id {self.id!r}")
+        for name in ("created", "next_attempt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite")
+        for name in ("size", "attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number")
+        for name in ("smtputf8", "eight_bit", "held", "delay_warned", "is_report"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
+        if not isinstance(self.sender, str):
+            raise ValueError("sender must be a string")
+        if not self.recipients:
+            raise ValueError("no recipients")
+        for recipient in self.recipients:
+            if recipient.state not in STATES:
+                raise ValueError(f"unknown state {recipient.state!r}")
+            for name in ("address", "next_hop", "tls"):
+                if not isinstance(getattr(recipient, name), str):
+                    raise ValueError(f"recipient {name} must be a string")
 
 
 class QueueStore:
@@ -114,6 +163,7 @@ class QueueStore:
         self.run_blocking = run_blocking
         self.spill_threshold = spill_threshold
         self._syncs = DirectorySyncs()
+        self._locks: dict[str, DeferredLock] = {}
 
     def ensure_blocking(self) -> None:
         """Create the queue's folders durably (at start)."""
@@ -140,8 +190,14 @@ class QueueStore:
         entries = []
         names = {p.name for p in self.messages.iterdir()}
         for name in sorted(names):
-            if name.endswith(".json.tmp"):
+            if name.endswith(".tmp"):
                 unlink_quietly(self.messages / name)
+                continue
+            if name.endswith(".json") and f"{name[:-5]}.eml" not in names:
+                _log.error(
+                    "queue entry {msg_id} has an envelope but no message, left in place",
+                    msg_id=name[:-5],
+                )
                 continue
             if not name.endswith(".eml"):
                 continue
@@ -152,26 +208,50 @@ class QueueStore:
                 unlink_quietly(self.messages / name)
                 continue
             try:
-                entries.append(QueuedMessage.from_json(envelope.read_bytes()))
-            except (OSError, ValueError, TypeError, KeyError) as exc:
+                entry = QueuedMessage.from_json(envelope.read_bytes())
+                if entry.id != msg_id:
+                    raise ValueError(f"its id is {entry.id!r}")
+            except (OSError, ValueError) as exc:
                 _log.error(
                     "queue entry {msg_id} unreadable, left in place: {error}",
                     msg_id=msg_id,
                     error=exc,
                 )
+                continue
+            entries.append(entry)
         return entries
 
     def save(self, entry: QueuedMessage) -> Deferred[None]:
-        """Record ``entry``'s new state durably."""
-        return self.run_blocking(self.save_blocking, entry)
+        """Record ``entry``'s state as it is now, durably.
+
+        The state is serialised here, on the caller's thread, and the saves
+        of one entry are written one after the other, so the file always
+        ends with the latest state.
+        """
+        data = entry.to_json()
+        lock = self._locks.setdefault(entry.id, DeferredLock())
+        d = lock.run(self.run_blocking, self._write_envelope_blocking, entry.id, data)
+        d.addBoth(self._forget_lock, entry.id, lock)
+        return d
+
+    def _forget_lock(self, result: object, msg_id: str, lock: DeferredLock) -> object:
+        if not lock.locked and not lock.waiting and self._locks.get(msg_id) is lock:
+            del self._locks[msg_id]
+        return result
 
     def save_blocking(self, entry: QueuedMessage) -> None:
-        write_durably(self._envelope_path(entry.id), entry.to_json())
+        self._write_envelope_blocking(entry.id, entry.to_json())
+
+    def _write_envelope_blocking(self, msg_id: str, data: bytes) -> None:
+        write_durably(self._envelope_path(msg_id), data)
         self._syncs.sync(self.messages)
 
     def remove(self, entry: QueuedMessage) -> Deferred[None]:
         """Take ``entry`` out of the queue (delivered, bounced or deleted)."""
-        return self.run_blocking(self._remove_blocking, entry.id)
+        lock = self._locks.setdefault(entry.id, DeferredLock())
+        d = lock.run(self.run_blocking, self._remove_blocking, entry.id)
+        d.addBoth(self._forget_lock, entry.id, lock)
+        return d
 
     def _remove_blocking(self, msg_id: str) -> None:
         # The envelope goes first, so a crash in between leaves an .eml

@@ -18,6 +18,8 @@ _END = b"\r\n.\r\n"
 # The longest line SMTP may carry (RFC 5321 4.5.3.1.6); longer ones are
 # accepted up to max_line, and re-encoded before the message is sent on.
 TRANSPORT_LINE = 998
+# More Received lines than this: a mail loop (RFC 5321 section 6.3).
+MAX_HOPS = 50
 
 
 class BodyReader:
@@ -30,7 +32,12 @@ class BodyReader:
     """
 
     def __init__(
-        self, write: Callable[[bytes], None], *, max_size: int, max_line: int
+        self,
+        write: Callable[[bytes], None],
+        *,
+        max_size: int,
+        max_line: int,
+        max_hops: int = MAX_HOPS,
     ) -> None:
         self._write = write
         self.max_size = max_size
@@ -39,6 +46,10 @@ class BodyReader:
         self.too_big = False
         self.line_too_long = False
         self.bare_newline = False
+        # Received lines in the header section: a loop adds one per pass.
+        self.max_hops = max_hops
+        self.received_count = 0
+        self._in_headers = True
         # Known only once it passes TRANSPORT_LINE: lines up to it are fine.
         self.longest_line = 0
         self._partial = b""
@@ -47,6 +58,8 @@ class BodyReader:
     def problem(self) -> str | None:
         if self.too_big:
             return "size"
+        if self.received_count > self.max_hops:
+            return "loop"
         if self.line_too_long:
             return "line"
         if self.bare_newline:
@@ -81,6 +94,8 @@ class BodyReader:
 
     def _take(self, lines: bytes) -> None:
         """Check and pass on complete lines, each ending in CRLF."""
+        if self._in_headers:
+            self._count_hops(lines)
         crlf = lines.count(_CRLF)
         if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
             self.bare_newline = True
@@ -96,3 +111,14 @@ class BodyReader:
             self.too_big = True
         if self.problem is None:
             self._write(lines)
+
+    def _count_hops(self, lines: bytes) -> None:
+        for line in lines.split(_CRLF):
+            if not line:
+                # The blank line ends the header section (the split also
+                # yields one after the last CRLF: only a real one counts).
+                if lines.find(b"\r\n\r\n") >= 0 or lines.startswith(_CRLF):
+                    self._in_headers = False
+                return
+            if line[:9].lower() == b"received:":
+                self.received_count += 1

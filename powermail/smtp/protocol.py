@@ -568,6 +568,7 @@ class SmtpServerProtocol(protocol.Protocol):
                     limit=self.limits.max_body_line
                 ),
                 "newline": replies.BARE_NEWLINE,
+                "loop": replies.MAIL_LOOP.format(count=body.received_count),
             }[problem]
             _log.warn(
                 "refused message {msg_id} from {peer}: {code} {status} {text}",

@@ -107,6 +107,7 @@ SIZE_DECLARED_TOO_BIG = Reply(
     552, "5.3.4", "Message size exceeds the limit of {limit} octets"
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the limit of {limit} octets")
+MAIL_LOOP = Reply(554, "5.4.6", "Too many hops ({count} Received lines): mail loop")
 BARE_NEWLINE = Reply(
     554, "5.6.0", "Message refused: bare CR or LF, lines must end in CRLF"
 )

@@ -43,7 +43,8 @@ def write_durably(path: Path, data: bytes) -> None:
 
     The caller fsyncs the folder once it has renamed all it needs to.
     """
-    partial = path.with_name(path.name + ".tmp")
+    # A name of its own for every write: two writers never share a file.
+    partial = path.with_name(f"{path.name}.{os.urandom(6).hex()}.tmp")
     with create_private_replacing(partial) as file:
         file.write(data)
         file.flush()

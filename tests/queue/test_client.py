@@ -303,17 +303,8 @@ def test_accepting_peer_gets_exact_envelope_and_bytes(tmp_path, peer):
     assert results(outcome) == [(ALICE, 250, "2.0.0"), (BOB, 250, "2.0.0")]
     assert all(o.delivered and o.text == "OK stored" for o in outcome.outcomes)
     assert outcome.tls is False
-    # One debug line per command, one info line for the session, no body.
-    sent = [line.split(" to 127.0.0.1")[0] for line in log.splitlines()]
-    sent = [line.removeprefix("debug sent ") for line in sent if "debug sent " in line]
-    assert sent == [
-        "EHLO client.test",
-        f"MAIL FROM:<{SENDER}> SIZE={len(body)}",
-        f"RCPT TO:<{ALICE}>",
-        f"RCPT TO:<{BOB}>",
-        "DATA",
-        "QUIT",
-    ]
+    # One info line for the session, no wire traffic, no body.
+    assert "debug sent " not in log
     info = [line for line in log.splitlines() if line.startswith("info delivery")]
     assert info == [
         f"info delivery to 127.0.0.1:{port} (TLS no): <{ALICE}> 250 2.0.0 OK stored;"
@@ -423,7 +414,6 @@ def test_message_over_the_advertised_size_is_not_sent(tmp_path, peer):
     assert outcome.outcomes[0].permanent
     assert "limit of 1000 octets" in outcome.outcomes[0].text
     assert handler.mail_from is None and handler.contents == []
-    assert "debug sent QUIT" in log
 
 
 def test_smtputf8_needed_but_not_offered(tmp_path, peer):

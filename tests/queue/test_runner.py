@@ -221,3 +221,40 @@ def test_queue_survives_a_restart(queue, tmp_path):
     assert list(second.entries) == ["msg1"]
     clock.advance(60)
     assert next_hop.calls and store.load_blocking() == []
+
+
+def test_delete_during_an_attempt_leaves_no_file_behind(queue):
+    store, clock, make = queue
+    pending = defer.Deferred()
+
+    def slow(reactor, *, recipients, host, port, **kw):
+        return pending
+
+    runner = make(NextHop())
+    runner.deliver = slow
+    enqueue(store, runner, "a@x.test")
+    clock.advance(0)
+    runner.delete("msg1")
+    outcome = RecipientOutcome("a@x.test", 451, "4.3.0", "later")
+    pending.callback(SessionOutcome("127.0.0.1", 2526, False, (outcome,)))
+    assert list(store.messages.iterdir()) == []
+    assert runner.entries == {}
+
+
+def test_an_error_inside_an_attempt_keeps_the_message_queued(queue):
+    store, clock, make = queue
+    next_hop = NextHop({"a@x.test": (250, "2.0.0")})
+    runner = make(next_hop)
+    calls = []
+
+    def broken(reactor, **kw):
+        calls.append(clock.seconds())
+        raise OSError(28, "No space left on device")
+
+    runner.deliver = broken
+    enqueue(store, runner, "a@x.test")
+    clock.advance(0)
+    assert calls == [0] and "msg1" in runner.entries
+    runner.deliver = next_hop
+    clock.advance(300)  # tried again after the longest retry delay
+    assert next_hop.calls and store.load_blocking() == []

@@ -284,3 +284,20 @@ def test_a_closing_connection_is_cut_after_the_grace_period(client):
 def test_data_without_mail(client):
     client.send(b"EHLO c.test\r\n")
     assert client.send(b"DATA\r\n") == b"503 5.5.1 Need MAIL before DATA\r\n"
+
+
+def test_mail_loop_is_refused_by_its_received_lines(client):
+    """More than 50 Received lines: 554 5.4.6 (RFC 5321 section 6.3)."""
+    client.send(
+        b"EHLO c.test\r\nMAIL FROM:<z@r.test>\r\nRCPT TO:<alice@example.test>\r\n"
+    )
+    client.read()
+    hops = b"".join(b"Received: from hop%d.test\r\n" % i for i in range(51))
+    out = client.send(b"DATA\r\n" + hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+    assert out.endswith(b"554 5.4.6 Too many hops (51 Received lines): mail loop\r\n")
+    hops = b"".join(b"received: from hop%d.test\r\n" % i for i in range(50))
+    client.send(b"MAIL FROM:<z@r.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    out = client.send(
+        b"DATA\r\n" + hops + b"\r\nReceived: in the body\r\n" * 5 + b".\r\n"
+    )
+    assert b"250 2.0.0 OK: message" in out
