@@ -313,8 +313,9 @@ class QueueRunner(Service):
                     remote=remote,
                     newly_failed=newly_failed,
                 )
-            if entry.id in self.entries:
-                # Recorded at once, so a crash now cannot deliver these again.
+            if entry.id in self.entries and entry.pending:
+                # Recorded at once, so a crash now cannot deliver these again
+                # (with nothing pending, the removal that follows records it).
                 await self.store.save(entry)
             if any(not r.temporary for r in outcome.outcomes):
                 # This host answered for the recipients: no other MX is tried.
