@@ -11,8 +11,6 @@ cached: a yes for a day, a no for an hour; "don't know" is never cached.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +27,6 @@ _log = Logger()
 POSITIVE_TTL = 86400
 NEGATIVE_TTL = 3600
 CACHE_SIZE = 10_000
-_EXPLICIT_PORT = re.compile(r"(\]|^[^:\[]+):\d+$")
 
 
 class RecipientVerifier:
@@ -79,9 +76,7 @@ class RecipientVerifier:
     async def _ask(self, next_hop: str, tls: str, recipient: str) -> RecipientOutcome:
         config = self.settings()
         try:
-            hop = parse_next_hop(next_hop)
-            if not _EXPLICIT_PORT.search(next_hop):
-                hop = dataclasses.replace(hop, port=config.queue.smtp_port)
+            hop = parse_next_hop(next_hop, default_port=config.queue.smtp_port)
             targets = await self.resolver.targets(hop)
         except (NextHopError, ValueError) as exc:
             return RecipientOutcome(

@@ -100,8 +100,10 @@ class NextHopError(Exception):
         self.status = status or ("5.4.4" if permanent else "4.4.3")
 
 
-def parse_next_hop(text: str) -> NextHop:
+def parse_next_hop(text: str, *, default_port: int = 25) -> NextHop:
     """Parse a next hop in Postfix syntax; ValueError says what is wrong.
+
+    A hop that names no port gets ``default_port`` (``queue.smtp_port``).
 
     ``example.com`` and ``example.com:2525`` look up MX records;
     ``[mail.example.com]`` and ``[mail.example.com]:2525`` use the name's
@@ -119,7 +121,7 @@ def parse_next_hop(text: str) -> NextHop:
         if close < 0:
             raise ValueError(f"next hop {text!r} has '[' without ']'")
         inner, rest = text[1:close], text[close + 1 :]
-        port = _parse_port(text, rest)
+        port = _parse_port(text, rest, default_port)
         if not inner:
             raise ValueError(f"next hop {text!r} has nothing between the brackets")
         ip = _parse_ip(text, inner)
@@ -129,13 +131,13 @@ def parse_next_hop(text: str) -> NextHop:
 
     ip = _parse_ip(text, text)
     if ip is not None:
-        return NextHop(ip, 25, mx=False)
+        return NextHop(ip, default_port, mx=False)
     host, colon, port_text = text.rpartition(":")
     if not colon:
         host, port_text = text, None
     if ":" in host:
         raise ValueError(f"next hop {text!r}: an IPv6 address needs [brackets]")
-    port = 25 if port_text is None else _parse_port(text, ":" + port_text)
+    port = default_port if port_text is None else _parse_port(text, ":" + port_text, 25)
     if not host:
         raise ValueError(f"next hop {text!r} has no host")
     ip = _parse_ip(text, host)
@@ -144,9 +146,9 @@ def parse_next_hop(text: str) -> NextHop:
     return NextHop(_parse_name(text, host), port, mx=True)
 
 
-def _parse_port(text: str, rest: str) -> int:
+def _parse_port(text: str, rest: str, default: int) -> int:
     if not rest:
-        return 25
+        return default
     if not rest.startswith(":"):
         raise ValueError(f"next hop {text!r} has text after ']'")
     digits = rest[1:]

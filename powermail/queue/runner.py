@@ -11,9 +11,7 @@ a message from ``<>`` and never for PowerMail's own reports.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,9 +36,6 @@ __all__ = ["QueueRunner"]
 
 _log = Logger()
 
-# A next hop that names its port ("[host]:2525", "host:2525"); without one,
-# queue.smtp_port applies.
-_EXPLICIT_PORT = re.compile(r"(\]|^[^:\[]+):\d+$")
 # Attempts under way at once; messages due beyond that wait their turn.
 MAX_IN_FLIGHT = 100
 # Octets of a message read to quote its header section in a DSN.
@@ -189,8 +184,13 @@ class QueueRunner(Service):
             groups.setdefault((recipient.next_hop, recipient.tls), []).append(recipient)
         newly_failed: list[QueuedRecipient] = []
         attempts = [
-            defer.ensureDeferred(
-                self._deliver_group(entry, hop, tls, group, newly_failed)
+            self._semaphore(hop).run(
+                lambda *args: defer.ensureDeferred(self._deliver_to_hop(*args)),
+                entry,
+                hop,
+                tls,
+                group,
+                newly_failed,
             )
             for (hop, tls), group in groups.items()
         ]
@@ -235,24 +235,7 @@ class QueueRunner(Service):
             semaphore = self._semaphores[hop] = defer.DeferredSemaphore(limit)
         return semaphore
 
-    async def _deliver_group(
-        self,
-        entry: QueuedMessage,
-        hop_text: str,
-        tls: str,
-        recipients: list[QueuedRecipient],
-        newly_failed: list[QueuedRecipient],
-    ) -> None:
-        semaphore = self._semaphore(hop_text)
-        await semaphore.acquire()
-        try:
-            await self._deliver_group_now(
-                entry, hop_text, tls, recipients, newly_failed
-            )
-        finally:
-            semaphore.release()
-
-    async def _deliver_group_now(
+    async def _deliver_to_hop(
         self,
         entry: QueuedMessage,
         hop_text: str,
@@ -262,9 +245,7 @@ class QueueRunner(Service):
     ) -> None:
         config = self.settings()
         try:
-            hop = parse_next_hop(hop_text)
-            if not _EXPLICIT_PORT.search(hop_text):
-                hop = dataclasses.replace(hop, port=config.queue.smtp_port)
+            hop = parse_next_hop(hop_text, default_port=config.queue.smtp_port)
             targets = await self.resolver.targets(hop)
         except (NextHopError, ValueError) as exc:
             permanent = getattr(exc, "permanent", True)
