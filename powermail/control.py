@@ -143,30 +143,28 @@ class ControlFactory:
         proto.factory = self
         return proto
 
-    def _entry(self, request: dict[str, Any]) -> QueuedMessage:
+    def _id(self, request: dict[str, Any]) -> str:
         msg_id = request.get("id")
-        if not isinstance(msg_id, str) or msg_id not in self.runner.entries:
+        if not isinstance(msg_id, str) or msg_id not in self.runner.queued_ids():
             raise ControlError(f"no queued message {msg_id}")
-        return self.runner.entries[msg_id]
+        return msg_id
 
     def handle(self, command: str, request: dict[str, Any]) -> Any:
         runner = self.runner
         if command == "queue.list":
-            return [describe_entry(e) for e in runner.entries.values()]
+            return runner.list_entries().addCallback(
+                lambda entries: [describe_entry(e) for e in entries]
+            )
         if command == "queue.show":
-            return describe_entry(self._entry(request), details=True)
+            return runner.get(self._id(request)).addCallback(
+                lambda entry: describe_entry(entry, details=True)
+            )
         if command == "queue.retry":
-            msg_id = request.get("id")
-            if msg_id is not None:
-                self._entry(request)
-            return runner.retry(msg_id)
-        if command == "queue.hold":
-            entry = self._entry(request)
-            return runner.hold(entry.id).addCallback(lambda _: entry.id)
-        if command == "queue.release":
-            entry = self._entry(request)
-            return runner.release(entry.id).addCallback(lambda _: entry.id)
-        if command == "queue.delete":
-            entry = self._entry(request)
-            return runner.delete(entry.id).addCallback(lambda _: entry.id)
+            if request.get("id") is not None:
+                return runner.retry(self._id(request))
+            return runner.retry()
+        if command in ("queue.hold", "queue.release", "queue.delete"):
+            msg_id = self._id(request)
+            action = getattr(runner, command.split(".")[1])
+            return action(msg_id).addCallback(lambda _: msg_id)
         raise ControlError(f"unknown command {command}")

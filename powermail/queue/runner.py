@@ -12,6 +12,7 @@ a message from ``<>`` and never for PowerMail's own reports.
 from __future__ import annotations
 
 import datetime
+import heapq
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -72,12 +73,15 @@ class QueueRunner(Service):
         self.reactor = reactor if reactor is not None else clock
         self.deliver = deliver
         self.trust_root = trust_root
-        # TODO(#4): every queued message is held here with its recipients
-        # and a timer, about 1.8 KB each (bench/forwarding.py); memory is not
-        # yet flat with a large queue.  Keep only ids and due times in
-        # memory and read envelopes from disk when an attempt starts.
-        self.entries: dict[str, QueuedMessage] = {}
-        self._timers: dict[str, IDelayedCall] = {}
+        # The queue in memory is only an index: id -> due time (None while
+        # held), and a heap of due times under one timer.  Envelopes stay on
+        # disk; an entry is in memory ("live") only while something works
+        # on it, so memory stays flat however long the queue grows.
+        self._index: dict[str, float | None] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._timer: IDelayedCall | None = None
+        self._live: dict[str, QueuedMessage] = {}
+        self._busy: set[str] = set()
         self._in_flight: dict[str, defer.Deferred] = {}
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
         self._due: deque[str] = deque()
@@ -87,88 +91,181 @@ class QueueRunner(Service):
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
         for entry in self.store.load_blocking():
-            self.entries[entry.id] = entry
-            self._schedule(entry)
-        if self.entries:
-            _log.info("queue: {count} messages to deliver", count=len(self.entries))
+            self._index[entry.id] = None if entry.held else entry.next_attempt
+        for msg_id, when in self._index.items():
+            if when is not None:
+                heapq.heappush(self._heap, (when, msg_id))
+        self._arm()
+        if self._index:
+            _log.info("queue: {count} messages to deliver", count=len(self._index))
 
     def stopService(self) -> defer.Deferred:  # noqa: N802
         super().stopService()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         # Attempts under way finish (or fail) on their own; their results
         # are recorded if the reactor still runs, else retried at start.
         return defer.succeed(None)
 
     # What the MX and the administrator call
 
+    def queued_ids(self) -> list[str]:
+        """The ids of every message in the queue."""
+        return list(self._index)
+
     def add(self, entry: QueuedMessage) -> None:
         """A message just committed to the queue: attempt it at once."""
-        self.entries[entry.id] = entry
         entry.next_attempt = self.clock.seconds()
-        self._schedule(entry)
+        self._live[entry.id] = entry
+        self._set_due(entry.id, entry.next_attempt)
+
+    def get(self, msg_id: str) -> defer.Deferred[QueuedMessage]:
+        """The entry as it stands (from memory while live, else from disk)."""
+        if msg_id not in self._index:
+            return defer.fail(KeyError(msg_id))
+        live = self._live.get(msg_id)
+        if live is not None:
+            return defer.succeed(live)
+        return self.store.run_blocking(self.store.load_one_blocking, msg_id)
+
+    def list_entries(self) -> defer.Deferred[list[QueuedMessage]]:
+        """Every entry, read from disk (live ones from memory)."""
+        d = self.store.run_blocking(self.store.read_all_blocking)
+        d.addCallback(
+            lambda found: [
+                self._live.get(e.id, e) for e in found if e.id in self._index
+            ]
+        )
+        return d
 
     def retry(self, msg_id: str | None = None) -> list[str]:
         """Attempt now the given message, or every message; held ones wait."""
-        chosen = [self.entries[msg_id]] if msg_id else list(self.entries.values())
-        chosen = [entry for entry in chosen if not entry.held]
-        for entry in chosen:
-            entry.next_attempt = self.clock.seconds()
-            self._schedule(entry)
-        return [entry.id for entry in chosen]
+        if msg_id is not None and msg_id not in self._index:
+            raise KeyError(msg_id)
+        chosen = [msg_id] if msg_id else list(self._index)
+        chosen = [i for i in chosen if self._index.get(i) is not None]
+        now = self.clock.seconds()
+        for chosen_id in chosen:
+            self._set_due(chosen_id, now)
+        return chosen
 
     def hold(self, msg_id: str) -> defer.Deferred:
-        entry = self.entries[msg_id]
-        entry.held = True
-        self._cancel(msg_id)
-        return self.store.save(entry)
+        return self._change(msg_id, held=True)
 
     def release(self, msg_id: str) -> defer.Deferred:
-        entry = self.entries[msg_id]
-        entry.held = False
-        d = self.store.save(entry)
-        d.addCallback(lambda _: self._schedule(entry))
-        return d
+        return self._change(msg_id, held=False)
 
     def delete(self, msg_id: str) -> defer.Deferred:
-        entry = self.entries.pop(msg_id)
-        self._cancel(msg_id)
+        if msg_id not in self._index:
+            return defer.fail(KeyError(msg_id))
+        del self._index[msg_id]
+        live = self._live.pop(msg_id, None)
         _log.info("deleted {msg_id} from the queue", msg_id=msg_id)
-        return self.store.remove(entry)
+        return self.store.remove(live if live is not None else msg_id)
+
+    async def _change_async(self, msg_id: str, held: bool) -> None:
+        live = self._live.get(msg_id)
+        if live is not None:
+            entry = live
+        else:
+            self._busy.add(msg_id)
+            try:
+                entry = await self.store.run_blocking(
+                    self.store.load_one_blocking, msg_id
+                )
+            finally:
+                self._busy.discard(msg_id)
+        if msg_id not in self._index:
+            return
+        entry.held = held
+        await self.store.save(entry)
+        if msg_id not in self._index:
+            return
+        if held:
+            self._index[msg_id] = None
+        elif msg_id not in self._in_flight:
+            self._set_due(msg_id, entry.next_attempt)
+
+    def _change(self, msg_id: str, *, held: bool) -> defer.Deferred:
+        if msg_id not in self._index:
+            return defer.fail(KeyError(msg_id))
+        return defer.ensureDeferred(self._change_async(msg_id, held))
 
     # Scheduling
 
-    def _cancel(self, msg_id: str) -> None:
-        timer = self._timers.pop(msg_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+    def _set_due(self, msg_id: str, when: float) -> None:
+        self._index[msg_id] = when
+        heapq.heappush(self._heap, (when, msg_id))
+        self._arm()
 
-    def _schedule(self, entry: QueuedMessage) -> None:
-        self._cancel(entry.id)
-        if entry.held or not self.running:
+    def _arm(self) -> None:
+        """Set the one timer for the earliest due message."""
+        if not self.running or not self._heap:
             return
-        delay = max(0.0, entry.next_attempt - self.clock.seconds())
-        self._timers[entry.id] = self.clock.callLater(delay, self._attempt, entry.id)
+        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            when, msg_id = heapq.heappop(self._heap)
+            if self._index.get(msg_id) == when:
+                self._attempt(msg_id)
+        self._arm()
 
     def _attempt(self, msg_id: str) -> None:
-        self._timers.pop(msg_id, None)
-        entry = self.entries.get(msg_id)
-        if entry is None or entry.held or msg_id in self._in_flight:
+        if self._index.get(msg_id) is None or msg_id in self._in_flight:
+            return
+        if msg_id in self._busy:
+            self._set_due(msg_id, self.clock.seconds() + 1)
             return
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             # A backlog waits as ids, not as attempts holding their state.
             self._due.append(msg_id)
             return
-        d = defer.ensureDeferred(self._run(entry))
+        d = defer.ensureDeferred(self._load_and_run(msg_id))
         self._in_flight[msg_id] = d
         d.addBoth(self._attempt_done, msg_id)
+
+    async def _load_and_run(self, msg_id: str) -> None:
+        entry = self._live.get(msg_id)
+        if entry is None:
+            try:
+                entry = await self.store.run_blocking(
+                    self.store.load_one_blocking, msg_id
+                )
+            except (OSError, ValueError) as exc:
+                _log.error(
+                    "queue entry {msg_id} unreadable: {error}", msg_id=msg_id, error=exc
+                )
+                self._index.pop(msg_id, None)
+                return
+            if msg_id not in self._index:
+                return
+            self._live[msg_id] = entry
+        try:
+            await self._run(entry)
+        finally:
+            self._live.pop(msg_id, None)
 
     def _attempt_done(self, _: object, msg_id: str) -> None:
         self._in_flight.pop(msg_id, None)
         while self._due and len(self._in_flight) < MAX_IN_FLIGHT:
             self._attempt(self._due.popleft())
+
+    def _reschedule(self, entry: QueuedMessage) -> None:
+        if entry.id not in self._index:
+            return
+        if entry.held:
+            self._index[entry.id] = None
+        else:
+            self._set_due(entry.id, entry.next_attempt)
 
     async def _run(self, entry: QueuedMessage) -> None:
         try:
@@ -177,10 +274,9 @@ class QueueRunner(Service):
             # Whatever went wrong (a full disk, a damaged file), the message
             # stays queued and is tried again later, never forgotten.
             _log.failure("queue attempt for {msg_id} failed", msg_id=entry.id)
-            if entry.id in self.entries:
-                delays = self.settings().queue.retry_delays
-                entry.next_attempt = self.clock.seconds() + delays[-1]
-                self._schedule(entry)
+            delays = self.settings().queue.retry_delays
+            entry.next_attempt = self.clock.seconds() + delays[-1]
+            self._reschedule(entry)
 
     async def _run_once(self, entry: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list[QueuedRecipient]] = {}
@@ -220,17 +316,16 @@ class QueueRunner(Service):
         ):
             await self._report(entry, entry.pending, "delayed")
             entry.delay_warned = True
-        if entry.id not in self.entries:
+        if entry.id not in self._index:
             return  # deleted by the administrator meanwhile
         if not entry.pending:
-            self.entries.pop(entry.id, None)
+            self._index.pop(entry.id, None)
             await self.store.remove(entry)
             return
         delays = settings.retry_delays
         entry.next_attempt = now + delays[min(entry.attempts - 1, len(delays) - 1)]
         await self.store.save(entry)
-        if entry.id in self.entries:
-            self._schedule(entry)
+        self._reschedule(entry)
 
     def _semaphore(self, hop: str) -> defer.DeferredSemaphore:
         limit = self.settings().queue.max_per_destination
@@ -298,7 +393,7 @@ class QueueRunner(Service):
                     remote=remote,
                     newly_failed=newly_failed,
                 )
-            if entry.id in self.entries and entry.pending:
+            if entry.id in self._index and entry.pending:
                 # Recorded at once, so a crash now cannot deliver these again
                 # (with nothing pending, the removal that follows records it).
                 await self.store.save(entry)

@@ -246,12 +246,35 @@ class QueueStore:
         write_durably(self._envelope_path(msg_id), data)
         self._syncs.sync(self.messages)
 
-    def remove(self, entry: QueuedMessage) -> Deferred[None]:
-        """Take ``entry`` out of the queue (delivered, bounced or deleted)."""
-        lock = self._locks.setdefault(entry.id, DeferredLock())
-        d = lock.run(self.run_blocking, self._remove_blocking, entry.id)
-        d.addBoth(self._forget_lock, entry.id, lock)
+    def remove(self, entry: QueuedMessage | str) -> Deferred[None]:
+        """Take an entry (or id) out of the queue: delivered, bounced, deleted."""
+        msg_id = entry if isinstance(entry, str) else entry.id
+        lock = self._locks.setdefault(msg_id, DeferredLock())
+        d = lock.run(self.run_blocking, self._remove_blocking, msg_id)
+        d.addBoth(self._forget_lock, msg_id, lock)
         return d
+
+    def load_one_blocking(self, msg_id: str) -> QueuedMessage:
+        """One committed entry, read from its envelope; KeyError if gone."""
+        path = self._envelope_path(msg_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyError(msg_id) from None
+        entry = QueuedMessage.from_json(data)
+        if entry.id != msg_id:
+            raise ValueError(f"its id is {entry.id!r}")
+        return entry
+
+    def read_all_blocking(self) -> list[QueuedMessage]:
+        """Every readable entry, without touching anything (for listings)."""
+        found = []
+        for path in sorted(self.messages.glob("*.json")):
+            try:
+                found.append(self.load_one_blocking(path.stem))
+            except (KeyError, OSError, ValueError):
+                continue
+        return found
 
     def _remove_blocking(self, msg_id: str) -> None:
         # The envelope goes first, so a crash in between leaves an .eml

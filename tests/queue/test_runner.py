@@ -128,7 +128,7 @@ def test_temporary_failure_then_success_retries_only_the_failed(queue):
     clock.advance(60)
     assert next_hop.calls[1] == (60, ["b@x.test"])
     assert store.load_blocking() == []
-    assert runner.entries == {}
+    assert runner.queued_ids() == []
 
 
 def test_retry_schedule_follows_the_delays_and_expires(queue):
@@ -157,7 +157,7 @@ def test_retry_schedule_follows_the_delays_and_expires(queue):
         3360,
         3660,
     ]
-    assert "msg1" not in runner.entries
+    assert "msg1" not in runner.queued_ids()
     kinds = sorted(msg["Subject"] for _, msg in reports(store))
     assert kinds == [
         "Delayed Mail (still being retried)",
@@ -181,7 +181,7 @@ def test_permanent_failure_bounces_once_to_the_sender(queue):
     assert "Action: failed" in text and "Status: 5.1.1" in text
     assert "a@x.test" not in text.split("Final-Recipient")[1]
     # The original is gone: every recipient has its answer.
-    assert "msg1" not in runner.entries
+    assert "msg1" not in runner.queued_ids()
 
 
 def test_no_bounce_for_a_null_sender(queue):
@@ -218,7 +218,7 @@ def test_queue_survives_a_restart(queue, tmp_path):
     first.stopService()
     next_hop = NextHop({"a@x.test": (250, "2.0.0")})
     second = make(next_hop)
-    assert list(second.entries) == ["msg1"]
+    assert second.queued_ids() == ["msg1"]
     clock.advance(60)
     assert next_hop.calls and store.load_blocking() == []
 
@@ -238,7 +238,7 @@ def test_delete_during_an_attempt_leaves_no_file_behind(queue):
     outcome = RecipientOutcome("a@x.test", 451, "4.3.0", "later")
     pending.callback(SessionOutcome("127.0.0.1", 2526, False, (outcome,)))
     assert list(store.messages.iterdir()) == []
-    assert runner.entries == {}
+    assert runner.queued_ids() == []
 
 
 def test_an_error_inside_an_attempt_keeps_the_message_queued(queue):
@@ -254,7 +254,7 @@ def test_an_error_inside_an_attempt_keeps_the_message_queued(queue):
     runner.deliver = broken
     enqueue(store, runner, "a@x.test")
     clock.advance(0)
-    assert calls == [0] and "msg1" in runner.entries
+    assert calls == [0] and "msg1" in runner.queued_ids()
     runner.deliver = next_hop
     clock.advance(300)  # tried again after the longest retry delay
     assert next_hop.calls and store.load_blocking() == []
