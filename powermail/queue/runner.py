@@ -226,8 +226,11 @@ class QueueRunner(Service):
             self._set_due(msg_id, self.clock.seconds() + 1)
             return
         if len(self._in_flight) >= MAX_IN_FLIGHT:
-            # A backlog waits as ids, not as attempts holding their state.
+            # A backlog waits as ids, not as attempts holding their state;
+            # a new message's entry is read again from disk when its turn
+            # comes (nothing but its due time changed since its commit).
             self._due.append(msg_id)
+            self._live.pop(msg_id, None)
             return
         d = defer.ensureDeferred(self._load_and_run(msg_id))
         self._in_flight[msg_id] = d

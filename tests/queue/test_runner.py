@@ -258,3 +258,40 @@ def test_an_error_inside_an_attempt_keeps_the_message_queued(queue):
     runner.deliver = next_hop
     clock.advance(300)  # tried again after the longest retry delay
     assert next_hop.calls and store.load_blocking() == []
+
+
+def test_backlog_waits_as_ids_and_is_read_back_from_disk(queue, monkeypatch):
+    """Past the limit of attempts in flight, new messages wait without their entry."""
+    from powermail.queue import runner as module
+
+    monkeypatch.setattr(module, "MAX_IN_FLIGHT", 1)
+    store, clock, make = queue
+    pending = defer.Deferred()
+    calls = []
+
+    def first_waits(reactor, *, recipients, host, port, **kw):
+        calls.append(list(recipients))
+        outcome = tuple(RecipientOutcome(r, 250, "2.0.0", "ok") for r in recipients)
+        result = SessionOutcome(host, port, False, outcome)
+        if len(calls) == 1:
+            return pending.addCallback(lambda _: result)
+        return defer.succeed(result)
+
+    runner = make(NextHop())
+    runner.deliver = first_waits
+    for n in range(3):
+        entry = QueuedMessage(
+            id=f"m{n}",
+            sender="zoe@remote.test",
+            created=0.0,
+            size=len(MESSAGE),
+            recipients=[QueuedRecipient(f"r{n}@x.test", "127.0.0.1:2526")],
+        )
+        store.enqueue_blocking(entry, MESSAGE)
+        runner.add(entry)
+    clock.advance(0)
+    assert calls == [["r0@x.test"]]
+    assert set(runner._live) == {"m0"}  # the others wait as ids only
+    pending.callback(None)
+    assert sorted(c[0] for c in calls) == ["r0@x.test", "r1@x.test", "r2@x.test"]
+    assert runner.queued_ids() == [] and store.load_blocking() == []
