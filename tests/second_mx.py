@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
 from powermail_process import free_port
 
 
@@ -100,4 +99,4 @@ class SecondMx:
         raise AssertionError(f"second MX got {len(self.received)} of {count} messages")
 
 
-__all__ = ["Behaviour", "Received", "SMTP", "SecondMx"]
+__all__ = ["Behaviour", "Received", "SecondMx"]

@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import deferToThread
@@ -239,9 +238,6 @@ class QueueStore:
             del self._locks[msg_id]
         return result
 
-    def save_blocking(self, entry: QueuedMessage) -> None:
-        self._write_envelope_blocking(entry.id, entry.to_json())
-
     def _write_envelope_blocking(self, msg_id: str, data: bytes) -> None:
         write_durably(self._envelope_path(msg_id), data)
         self._syncs.sync(self.messages)
@@ -350,16 +346,3 @@ class QueueDelivery:
     def abort(self) -> None:
         self._finished = True
         self._spool.discard()
-
-
-def entry_summary(entry: QueuedMessage) -> dict[str, Any]:
-    """What `powermail queue list` shows of one entry."""
-    return {
-        "id": entry.id,
-        "sender": entry.sender,
-        "size": entry.size,
-        "created": entry.created,
-        "next_attempt": entry.next_attempt,
-        "held": entry.held,
-        "pending": [r.address for r in entry.pending],
-    }
