@@ -113,6 +113,10 @@ class BodyReader:
             self._write(lines)
 
     def _count_hops(self, lines: bytes) -> None:
+        # Only the header section matters: split no further than its end.
+        end = lines.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = lines[: end + 4]
         for line in lines.split(_CRLF):
             if not line:
                 # The blank line ends the header section (the split also

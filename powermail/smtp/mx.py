@@ -184,6 +184,11 @@ class _Deliveries:
             else part.commit()
             for part in self._parts
         ]
+        if len(commits) == 1:
+            # The usual case, one kind of copy: no need to gather.
+            d = commits[0]
+            d.addCallback(lambda result: self._committed([result]))
+            return d
         d = defer.gatherResults(commits, consumeErrors=True)
         d.addCallback(self._committed)
         d.addErrback(lambda failure: failure.value.subFailure)
