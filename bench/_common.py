@@ -382,3 +382,48 @@ def run_load(
     for worker in workers:
         worker.join(30)
     return RoundResult(sent, began, ended, server_cpu, client_cpu, errors)
+
+
+def serve_aiosmtpd(
+    handler, *, name: str, port: int, threads: int | None = None
+) -> None:
+    """Run an aiosmtpd server for ``handler`` on HOST:port until SIGTERM.
+
+    ``threads`` sizes the executor its handler's blocking work runs in;
+    warnings go to stdout, which the benchmark keeps as the server's log.
+    """
+    import asyncio
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiosmtpd.smtp import SMTP
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stdout,
+        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s",
+    )
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        if threads:
+            loop.set_default_executor(ThreadPoolExecutor(max_workers=threads))
+        stop = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+        server = await loop.create_server(
+            lambda: SMTP(
+                handler,
+                hostname=f"{name}.example.test",
+                enable_SMTPUTF8=True,
+                loop=loop,
+            ),
+            HOST,
+            port,
+            backlog=128,
+        )
+        print(f"aiosmtpd {name} listening on {HOST}:{port}", flush=True)
+        await stop
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(serve())

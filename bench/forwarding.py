@@ -27,8 +27,6 @@ The same script is the sink when started as
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import queue
 import re
@@ -56,6 +54,7 @@ from _common import (
     message_template,
     powermail_argv,
     run_load,
+    serve_aiosmtpd,
     session_counts,
     session_tag,
     start_server,
@@ -129,35 +128,11 @@ class RecordingSink:
 
 def run_sink(port: int, records: Path) -> None:
     """Serve SMTP on ``127.0.0.1:port`` with aiosmtpd until SIGTERM."""
-    from aiosmtpd.smtp import SMTP
-
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stdout,
-        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s",
-    )
     fd = os.open(records, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     body = b"\r\n\r\n" + message_template().partition(b"\r\n\r\n")[2]
     handler = RecordingSink(fd, body)
 
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-        server = await loop.create_server(
-            lambda: SMTP(
-                handler, hostname="sink.example.test", enable_SMTPUTF8=True, loop=loop
-            ),
-            HOST,
-            port,
-            backlog=128,
-        )
-        print(f"aiosmtpd sink listening on {HOST}:{port}", flush=True)
-        await stop
-        server.close()
-        await server.wait_closed()
-
-    asyncio.run(serve())
+    serve_aiosmtpd(handler, name="sink", port=port)
     os.close(fd)
 
 

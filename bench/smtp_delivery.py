@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import queue
 import shutil
@@ -29,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import (
@@ -45,6 +43,7 @@ from _common import (
     message_template,
     powermail_argv,
     run_load,
+    serve_aiosmtpd,
     start_server,
     wait_until_listening,
     which_powermail,
@@ -104,37 +103,12 @@ class DurableMaildirHandler:
 
 def run_peer(port: int, maildir: Path) -> None:
     """Serve SMTP on ``127.0.0.1:port`` with aiosmtpd until SIGTERM."""
-    from aiosmtpd.smtp import SMTP
-
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stdout,
-        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s",
-    )
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     accepted = {MAILBOX, f"postmaster@{DOMAIN}", f"abuse@{DOMAIN}"}
     handler = DurableMaildirHandler(maildir, accepted)
 
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=PEER_THREADS))
-        stop = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-        server = await loop.create_server(
-            lambda: SMTP(
-                handler, hostname="peer.example.test", enable_SMTPUTF8=True, loop=loop
-            ),
-            HOST,
-            port,
-            backlog=128,
-        )
-        print(f"aiosmtpd peer listening on {HOST}:{port}", flush=True)
-        await stop
-        server.close()
-        await server.wait_closed()
-
-    asyncio.run(serve())
+    serve_aiosmtpd(handler, name="peer", port=port, threads=PEER_THREADS)
 
 
 # The server under test.
