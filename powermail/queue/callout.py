@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from powermail.queue.client import RecipientOutcome, verify
-from powermail.queue.nexthop import NextHopError, NextHopResolver, parse_next_hop
+from powermail.queue.nexthop import NextHopError, NextHopResolver
 
 __all__ = ["RecipientVerifier"]
 
@@ -76,9 +76,10 @@ class RecipientVerifier:
     async def _ask(self, next_hop: str, tls: str, recipient: str) -> RecipientOutcome:
         config = self.settings()
         try:
-            hop = parse_next_hop(next_hop, default_port=config.queue.smtp_port)
-            targets = await self.resolver.targets(hop)
-        except (NextHopError, ValueError) as exc:
+            targets = await self.resolver.targets_for(
+                next_hop, default_port=config.queue.smtp_port
+            )
+        except NextHopError as exc:
             return RecipientOutcome(
                 recipient, 0, "4.4.3", f"next hop {next_hop}: {exc}"
             )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.interfaces import IResolver
 from twisted.logger import Logger
 from twisted.names import client, dns
@@ -206,6 +206,14 @@ class NextHopResolver:
         self._resolver = resolver
         self._timeout = tuple(timeout) if timeout is not None else None
         self._rng = rng or random.Random()
+
+    def targets_for(self, text: str, *, default_port: int) -> Deferred[list[Target]]:
+        """Parse ``text`` and resolve it; a bad next hop is a permanent error."""
+        try:
+            hop = parse_next_hop(text, default_port=default_port)
+        except ValueError as exc:
+            return fail(NextHopError(str(exc), permanent=True))
+        return self.targets(hop)
 
     def targets(self, hop: NextHop) -> Deferred[list[Target]]:
         """The addresses to try for ``hop``, best first, or a NextHopError.

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from powermail.queue.dsn import FailedRecipient, build_dsn
-from powermail.queue.nexthop import NextHopError, NextHopResolver, parse_next_hop
+from powermail.queue.nexthop import NextHopError, NextHopResolver
 from powermail.queue.store import (
     DELIVERED,
     FAILED,
@@ -347,17 +347,16 @@ class QueueRunner(Service):
     ) -> None:
         config = self.settings()
         try:
-            hop = parse_next_hop(hop_text, default_port=config.queue.smtp_port)
-            targets = await self.resolver.targets(hop)
-        except (NextHopError, ValueError) as exc:
-            permanent = getattr(exc, "permanent", True)
-            status = getattr(exc, "status", None)
+            targets = await self.resolver.targets_for(
+                hop_text, default_port=config.queue.smtp_port
+            )
+        except NextHopError as exc:
             for recipient in recipients:
                 self._record(
                     entry,
                     recipient,
-                    code=550 if permanent else 451,
-                    status=status or ("5.4.4" if permanent else "4.4.3"),
+                    code=550 if exc.permanent else 451,
+                    status=exc.status,
                     text=f"next hop {hop_text}: {exc}",
                     remote=None,
                     newly_failed=newly_failed,

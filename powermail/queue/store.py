@@ -328,17 +328,18 @@ class QueueDelivery:
         assert not self._finished, "write after commit or abort"
         self._spool.write(data)
 
-    def commit(self, *, fit: bool = False) -> Deferred[QueuedMessage]:
+    def commit(self, *, long_lines: bool = False) -> Deferred[QueuedMessage]:
         """Make message and envelope durable; fires with the entry.
 
-        ``fit``: re-encode the parts with lines over 998 octets first
-        (``queue.reencode``), in the worker thread.
+        ``long_lines``: the message has lines over 998 octets; the parts
+        holding them are re-encoded first (``queue.reencode``), in the
+        worker thread, since this copy is sent on.
         """
         assert not self._finished, "commit twice"
         self._finished = True
         self.entry.size = self._spool.size
         d = self.store.run_blocking(
-            self.store._commit_blocking, self.entry, self._spool, fit
+            self.store._commit_blocking, self.entry, self._spool, long_lines
         )
         d.addCallback(lambda _: self.entry)
         return d

@@ -17,12 +17,7 @@ from twisted.internet import defer
 
 from powermail.address import Address
 from powermail.directory import Directory
-from powermail.queue.store import (
-    QueueDelivery,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueStore,
-)
+from powermail.queue.store import QueuedMessage, QueuedRecipient, QueueStore
 from powermail.smtp import replies
 from powermail.smtp.replies import SmtpError
 from powermail.smtp.session import Envelope, Forward, Recipient, Session
@@ -178,12 +173,7 @@ class _Deliveries:
         ``long_lines``: the message has lines over 998 octets, which the
         copies sent on must not carry as they are.
         """
-        commits = [
-            part.commit(fit=long_lines)
-            if isinstance(part, QueueDelivery)
-            else part.commit()
-            for part in self._parts
-        ]
+        commits = [part.commit(long_lines=long_lines) for part in self._parts]
         if len(commits) == 1:
             # The usual case, one kind of copy: no need to gather.
             d = commits[0]

@@ -150,8 +150,12 @@ class MaildirDelivery:
         assert not self._finished, "write after commit or abort"
         self._spool.write(data)
 
-    def commit(self) -> Deferred[list[Path]]:
-        """Make the message durable in every Maildir; fires with the paths."""
+    def commit(self, *, long_lines: bool = False) -> Deferred[list[Path]]:
+        """Make the message durable in every Maildir; fires with the paths.
+
+        ``long_lines`` changes nothing here: a Maildir keeps the message
+        exactly as received, whatever its line lengths.
+        """
         assert not self._finished, "commit twice"
         self._finished = True
         return self.store.run_blocking(self._commit_blocking)
