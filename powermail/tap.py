@@ -21,6 +21,9 @@ from powermail import __version__
 from powermail.config import Config, ConfigError, Listen, load_config
 from powermail.config.watcher import ConfigWatcher, RunningConfig
 from powermail.control import ControlFactory
+from powermail.imap.auth import make_portal
+from powermail.imap.notify import FolderNotifier
+from powermail.imap.protocol import ImapFactory, ImapLimits
 from powermail.queue.callout import RecipientVerifier
 from powermail.queue.client import deliver
 from powermail.queue.nexthop import NextHopResolver, make_resolver
@@ -118,11 +121,74 @@ def _limits(config: Config) -> SmtpLimits:
     )
 
 
+def _imap_limits(config: Config) -> ImapLimits:
+    imap = config.imap
+    return ImapLimits(
+        loopback_plaintext=imap.loopback_plaintext,
+        max_literal_size=imap.max_literal_size,
+        max_command_line=imap.max_command_line,
+        max_errors=imap.max_errors,
+        max_login_failures=imap.max_login_failures,
+        login_failure_delay=imap.login_failure_delay,
+        max_connections=imap.max_connections,
+        max_connections_per_client=imap.max_connections_per_client,
+        idle_timeout=imap.idle_timeout,
+    )
+
+
 def _endpoint(reactor, listen: Listen):
     kind = (
         endpoints.TCP6ServerEndpoint if listen.is_ipv6 else endpoints.TCP4ServerEndpoint
     )
     return kind(reactor, listen.port, backlog=128, interface=listen.host)
+
+
+def _tls_endpoint(reactor, listen: Listen, tls_options):
+    return endpoints.SSL4ServerEndpoint(
+        reactor, listen.port, tls_options, backlog=128, interface=listen.host
+    )
+
+
+def _imap_services(reactor, config: Config, running, store, tls_options):
+    """The IMAP (STARTTLS) and IMAPS listeners, sharing their limits."""
+
+    def maildir_for(key: str):
+        local, _, domain = key.rpartition("@")
+        return store.maildir_for(domain, local)
+
+    portal = make_portal(lambda: running.current.directory, maildir_for)
+    notifier = FolderNotifier(reactor)
+    factories = [
+        ImapFactory(
+            portal=portal,
+            limits=_imap_limits(config),
+            clock=reactor,
+            tls_options=tls_options,
+            notifier=notifier,
+            tls=tls,
+        )
+        for tls in (False, True)
+    ]
+    # One count of sessions for both listeners.
+    factories[1].shared_counts = factories[0].shared_counts
+
+    def apply_limits(new: Config) -> None:
+        for factory in factories:
+            factory.limits = _imap_limits(new)
+
+    running.subscribe(apply_limits)
+    services = []
+    for listen in config.imap.listen:
+        imap = StreamServerEndpointService(_endpoint(reactor, listen), factories[0])
+        imap.setName(f"imap {listen}")
+        services.append(imap)
+    for listen in config.imap.tls_listen:
+        imaps = StreamServerEndpointService(
+            _tls_endpoint(reactor, listen, tls_options), factories[1]
+        )
+        imaps.setName(f"imaps {listen}")
+        services.append(imaps)
+    return services
 
 
 def makeService(options: Options) -> service.MultiService:  # noqa: N802
@@ -176,6 +242,9 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
         mx = StreamServerEndpointService(_endpoint(reactor, listen), factory)
         mx.setName(f"mx {listen}")
         mx.setServiceParent(top)
+
+    for imap in _imap_services(reactor, config, running, store, options["tls_options"]):
+        imap.setServiceParent(top)
 
     _log.info(
         "PowerMail {version} with {path}: {domains} domains, {mailboxes} mailboxes",

@@ -36,9 +36,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(directory: Path, *, mx_extra: str = "", extra: str = "") -> Path:
-    """A test configuration: example.test with alice, bob and a UTF-8 user."""
+def write_config(
+    directory: Path, *, mx_extra: str = "", imap_extra: str = "", extra: str = ""
+) -> Path:
+    """A test configuration: example.test with alice, bob and a UTF-8 user.
+
+    The IMAP listeners get free ports too: ``imap_port`` and ``imaps_port``
+    read them back.
+    """
     port = free_port()
+    imap, imaps = free_port(), free_port()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "powermail.toml"
     path.write_text(
@@ -51,6 +58,11 @@ data_dir = "data"
 [mx]
 listen = ["127.0.0.1:{port}"]
 {mx_extra}
+
+[imap]
+listen = ["127.0.0.1:{imap}"]
+tls_listen = ["127.0.0.1:{imaps}"]
+{imap_extra}
 
 [domains."example.test"]
 
@@ -79,6 +91,14 @@ def mx_port(config: Path) -> int:
     return int(listen.rsplit(":", 1)[1])
 
 
+def imap_port(config: Path, *, tls: bool = False) -> int:
+    import tomllib
+
+    section = tomllib.loads(config.read_text("utf-8"))["imap"]
+    listen = section["tls_listen" if tls else "listen"][0]
+    return int(listen.rsplit(":", 1)[1])
+
+
 def twistd_command(config: Path) -> list[str]:
     # The twistd script installed beside this interpreter, as a user runs it.
     return [
@@ -103,6 +123,8 @@ class PowerMail:
     def __init__(self, config: Path) -> None:
         self.config = config
         self.port = mx_port(config)
+        self.imap_port = imap_port(config)
+        self.imaps_port = imap_port(config, tls=True)
         self.data_dir = config.parent / "data"
         self.log_path = config.parent / "twistd.log"
         self.process: subprocess.Popen | None = None

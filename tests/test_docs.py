@@ -14,3 +14,10 @@ def test_every_mx_limit_is_documented_with_its_default():
         if name == "listen":
             continue
         assert f"| `{name}` | `{key.default}`" in DOC, name
+
+
+def test_every_imap_limit_is_documented_with_its_default():
+    for name, key in SECTIONS["imap"].items():
+        if name in ("listen", "tls_listen"):
+            continue
+        assert f"| `{name}` | `{key.default}`" in DOC, name

@@ -32,6 +32,7 @@ __all__ = [
     "DnsSettings",
     "QueueSettings",
     "Listen",
+    "ImapSettings",
     "MxSettings",
     "ServerSettings",
     "TlsSettings",
@@ -102,6 +103,21 @@ class MxSettings:
 
 
 @dataclass(frozen=True)
+class ImapSettings:
+    listen: tuple[Listen, ...]
+    tls_listen: tuple[Listen, ...]
+    loopback_plaintext: bool
+    max_literal_size: int
+    max_command_line: int
+    max_errors: int
+    max_login_failures: int
+    login_failure_delay: int
+    max_connections: int
+    max_connections_per_client: int
+    idle_timeout: int
+
+
+@dataclass(frozen=True)
 class DnsSettings:
     servers: tuple[Listen, ...]
 
@@ -125,13 +141,21 @@ class Config:
     server: ServerSettings
     tls: TlsSettings
     mx: MxSettings
+    imap: ImapSettings
     dns: DnsSettings
     queue: QueueSettings
     directory: Directory
 
     def listener_settings(self) -> tuple[Any, ...]:
         """What only a restart can change: data_dir, TLS files, listeners, DNS."""
-        return (self.server.data_dir, self.tls, self.mx.listen, self.dns.servers)
+        return (
+            self.server.data_dir,
+            self.tls,
+            self.mx.listen,
+            self.imap.listen,
+            self.imap.tls_listen,
+            self.dns.servers,
+        )
 
 
 class _Reader:
@@ -284,6 +308,9 @@ def parse_config(text: str, path: str | Path) -> Config:
     )
     tls = reader.section("tls", SECTIONS["tls"], document.get("tls"), "tls")
     mx = reader.section("mx", SECTIONS["mx"], document.get("mx"), "mx")
+    imap = ImapSettings(
+        **reader.section("imap", SECTIONS["imap"], document.get("imap"), "imap")
+    )
     dns = DnsSettings(
         **reader.section("dns", SECTIONS["dns"], document.get("dns"), "dns")
     )
@@ -308,7 +335,14 @@ def parse_config(text: str, path: str | Path) -> Config:
     tls = TlsSettings(**tls)
     _check_tls(reader, tls)
     mx = MxSettings(**mx)
-    _check_ports(reader, {"mx.listen": mx.listen})
+    _check_ports(
+        reader,
+        {
+            "mx.listen": mx.listen,
+            "imap.listen": imap.listen,
+            "imap.tls_listen": imap.tls_listen,
+        },
+    )
 
     directory = _read_directory(reader, document, server.recipient_delimiter)
     return Config(
@@ -316,6 +350,7 @@ def parse_config(text: str, path: str | Path) -> Config:
         server=server,
         tls=tls,
         mx=mx,
+        imap=imap,
         dns=dns,
         queue=queue,
         directory=directory,

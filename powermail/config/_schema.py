@@ -107,6 +107,37 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "idle_timeout": Key("int", 300, "seconds without a command", 1, 86400),
         "session_timeout": Key("int", 1800, "seconds for a whole session", 1, 604800),
     },
+    "imap": {
+        "listen": Key(
+            "listen", ["127.0.0.1:143"], "addresses of the IMAP listener (STARTTLS)"
+        ),
+        "tls_listen": Key(
+            "listen", ["127.0.0.1:993"], "addresses of the IMAPS listener (TLS)"
+        ),
+        "loopback_plaintext": Key(
+            "bool", True, "allow LOGIN before TLS from loopback clients"
+        ),
+        "max_literal_size": Key(
+            "int", 50 * MiB, "octets in one literal (APPEND message)", 1024
+        ),
+        "max_command_line": Key(
+            "int", 65536, "octets in a command outside its literals", 1024, 16 * MiB
+        ),
+        "max_errors": Key("int", 20, "bad commands before hanging up", 1, 1000),
+        "max_login_failures": Key(
+            "int", 3, "failed logins in a session before hanging up", 1, 100
+        ),
+        "login_failure_delay": Key(
+            "int", 2, "seconds a failed login waits for its answer", 0, 60
+        ),
+        "max_connections": Key("int", 1000, "sessions at once", 1, 100000),
+        "max_connections_per_client": Key(
+            "int", 50, "sessions at once from one address", 1, 100000
+        ),
+        "idle_timeout": Key(
+            "int", 1800, "seconds without a command (RFC 3501: 30 min)", 60, 86400
+        ),
+    },
 }
 
 MAILBOX_MODES = ("local", "redirect")

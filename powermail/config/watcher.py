@@ -90,7 +90,14 @@ class ConfigWatcher(Service):
         changed = [
             name
             for name, built, new in zip(
-                ("server.data_dir", "tls", "mx.listen", "dns.servers"),
+                (
+                    "server.data_dir",
+                    "tls",
+                    "mx.listen",
+                    "imap.listen",
+                    "imap.tls_listen",
+                    "dns.servers",
+                ),
                 self._built_from,
                 config.listener_settings(),
                 strict=True,

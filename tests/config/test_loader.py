@@ -94,7 +94,7 @@ def test_unknown_section_is_refused(path: Path) -> None:
 
     assert refusal(text, path) == (
         f"{path}: smtp: unknown section "
-        "(known: aliases, dns, domains, mailboxes, mx, queue, server, tls)"
+        "(known: aliases, dns, domains, imap, mailboxes, mx, queue, server, tls)"
     )
 
 

@@ -1,0 +1,1 @@
+"""The IMAP4rev1 server over the local Maildirs."""
