@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

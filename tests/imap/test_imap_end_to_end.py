@@ -94,7 +94,9 @@ def test_multipart_message_reads_back_identical_with_imaplib_and_imapclient(
 
     with client(powermail) as imap:
         imap.select_folder("INBOX", readonly=True)
-        [(uid, fetched)] = imap.fetch(imap.search("ALL"), ["RFC822", "RFC822.SIZE"]).items()
+        [(uid, fetched)] = imap.fetch(
+            imap.search("ALL"), ["RFC822", "RFC822.SIZE"]
+        ).items()
         assert fetched[b"RFC822"] == stored
         assert fetched[b"RFC822.SIZE"] == len(stored)
 
@@ -238,14 +240,14 @@ def test_partial_fetches(powermail):
 
 
 NESTED = (
-    b"From: \"Doe, John\" <john@example.test>\r\n"
+    b'From: "Doe, John" <john@example.test>\r\n'
     b"To: undisclosed-recipients:;\r\n"
-    b"Cc: Team: ann@example.test, \"B. \\\"Bo\\\"\" <bo@example.test>;\r\n"
+    b'Cc: Team: ann@example.test, "B. \\"Bo\\"" <bo@example.test>;\r\n'
     b"Subject: =?UTF-8?B?R3LDvMOfZSBhdXMgS8O2bG4=?=\r\n"
     b"Date: Wed, 02 Dec 2026 09:30:00 +0000\r\n"
     b"Message-ID: <nested@example.test>\r\n"
     b"MIME-Version: 1.0\r\n"
-    b"Content-Type: multipart/mixed; boundary=\"outer\"\r\n"
+    b'Content-Type: multipart/mixed; boundary="outer"\r\n'
     b"\r\n"
     b"preamble\r\n"
     b"--outer\r\n"
@@ -300,7 +302,10 @@ def test_bodystructure_and_envelope_of_a_nested_message(powermail):
     envelope = fetched[b"ENVELOPE"]
     assert envelope.subject == b"=?UTF-8?B?R3LDvMOfZSBhdXMgS8O2bG4=?="
     assert envelope.from_[0].name == b"Doe, John"
-    assert envelope.from_[0].mailbox == b"john" and envelope.from_[0].host == b"example.test"
+    assert (
+        envelope.from_[0].mailbox == b"john"
+        and envelope.from_[0].host == b"example.test"
+    )
     assert envelope.message_id == b"<nested@example.test>"
     # The group: its start (host NIL, mailbox the group's name), then members.
     assert [(a.mailbox, a.host) for a in envelope.cc] == [
@@ -365,7 +370,9 @@ def test_append_copy_move_and_uid_expunge_report_uids(powermail):
     imap.noop()
     typ, data = imap._simple_command("UID", "COPY", "1:*", "Trash")
     assert typ == "OK"
-    assert data[-1].startswith(b"[COPYUID ") and data[-1].endswith(b" 1:2 1:2] Copy completed.")
+    assert data[-1].startswith(b"[COPYUID ") and data[-1].endswith(
+        b" 1:2 1:2] Copy completed."
+    )
     typ, data = imap._simple_command("UID", "MOVE", "2", "Junk")
     assert (typ, data[-1]) == ("OK", b"Move completed.")
     assert imap.untagged_responses["OK"][-1].startswith(b"[COPYUID ")
@@ -463,9 +470,7 @@ def test_pipelined_command_behind_starttls_is_discarded(powermail):
 
 @pytest.fixture
 def no_loopback_plaintext(tmp_path):
-    server = PowerMail(
-        write_config(tmp_path, imap_extra="loopback_plaintext = false")
-    )
+    server = PowerMail(write_config(tmp_path, imap_extra="loopback_plaintext = false"))
     server.start()
     yield server
     server.stop()
