@@ -219,7 +219,16 @@ class Commands:
         allow_expunge = uid or name not in _NO_EXPUNGE_DURING
         try:
             if view is not None:
-                await self._catch_up(view, allow_expunge=allow_expunge, sync=True)
+                try:
+                    await self._catch_up(view, allow_expunge=allow_expunge, sync=True)
+                except FolderError as exc:
+                    if exc.code != "NONEXISTENT":
+                        raise
+                    # Another session deleted or renamed the folder: there
+                    # is no way to tell the client its messages are gone.
+                    self._deselect()
+                    self.proto.close(b"* BYE The selected mailbox was deleted\r\n")
+                    return
             text = (
                 await handler(tag, cursor, uid) if uid else await handler(tag, cursor)
             )
