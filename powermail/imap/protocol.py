@@ -200,6 +200,9 @@ class ImapServerProtocol(protocol.Protocol):
         self._drop_command()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
+        # TLS sends its close_notify and closes only once no producer is
+        # registered; with one it would wait for the grace period.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._abort_timer = self.factory.clock.callLater(
             CLOSE_GRACE, self.transport.abortConnection

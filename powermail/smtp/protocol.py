@@ -323,6 +323,9 @@ class SmtpServerProtocol(protocol.Protocol):
         self._closed = True
         self._buffer = b""
         self._cancel_timers()
+        # TLS sends its close_notify and closes only once no producer is
+        # registered; with one it would wait for the grace period.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._abort_timer = self.factory.clock.callLater(
             CLOSE_GRACE, self.transport.abortConnection

@@ -527,3 +527,18 @@ def test_idle_sessions_in_parallel_all_hear(powermail):
         imap.idle_done()
         imap.logout()
     assert all((1, b"EXISTS") in responses for responses in heard)
+
+
+def test_logout_over_tls_closes_at_once(powermail):
+    """TLS close_notify and the TCP close follow the tagged OK (RFC 3501 6.1.3)."""
+    raw = socket.create_connection(("127.0.0.1", powermail.imaps_port), timeout=10)
+    tls = unverified().wrap_socket(raw, server_hostname="mx.example.test")
+    assert tls.recv(4096).startswith(b"* OK")
+    tls.sendall(b"a LOGOUT\r\n")
+    started = time.monotonic()
+    received = b""
+    while chunk := tls.recv(4096):
+        received += chunk
+    assert received == b"* BYE Logging out\r\na OK Logout completed.\r\n"
+    assert time.monotonic() - started < 2
+    tls.close()

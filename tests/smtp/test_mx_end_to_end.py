@@ -450,3 +450,16 @@ def test_session_timeout_in_the_middle_of_data(limited):
     assert server.messages("alice") == []
     tmp = server.maildir("alice") / "tmp"
     assert not tmp.exists() or list(tmp.iterdir()) == []
+
+
+def test_quit_after_starttls_closes_at_once(shared_powermail):
+    """The TLS session ends with the 221, not a reset after a grace period."""
+    smtp = smtplib.SMTP("127.0.0.1", shared_powermail.port, timeout=10)
+    smtp.starttls(context=unverified_tls())
+    smtp.ehlo()
+    started = time.monotonic()
+    code, _ = smtp.docmd("QUIT")
+    assert code == 221
+    assert smtp.sock.recv(4096) == b""
+    assert time.monotonic() - started < 2
+    smtp.close()
