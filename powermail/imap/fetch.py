@@ -31,6 +31,19 @@ def needs_content(items: list[FetchItem]) -> bool:
     return any(item.name not in _WITHOUT_CONTENT for item in items)
 
 
+def _header_only(item: FetchItem) -> bool:
+    if item.name in ("ENVELOPE", "RFC822.HEADER"):
+        return True
+    return item.name == "BODY[]" and not item.part and item.kind.startswith("HEADER")
+
+
+def needs_body(items: list[FetchItem]) -> bool:
+    """Whether an item needs more of the message than its header section."""
+    return any(
+        item.name not in _WITHOUT_CONTENT and not _header_only(item) for item in items
+    )
+
+
 def internal_date(stamp: float) -> str:
     """``"17-Jul-1996 02:44:25 +0000"``, the INTERNALDATE form, in UTC."""
     t = time.gmtime(stamp)
@@ -61,14 +74,19 @@ def fetch_response(
     gone from the disk.
     """
     message: Message | None = None
-    if needs_content(items):
+    whole = False
+    if needs_body(items):
         message = Message(folder.read_message(entry.uid))
+        whole = True
+    elif needs_content(items):
+        # Headers only (a client listing a folder): the body is not read.
+        message = Message(folder.read_header(entry.uid))
     parts: list[bytes] = []
     names = {item.name for item in items}
     if with_uid and "UID" not in names:
         parts.append(b"UID %d" % entry.uid)
     for item in items:
-        parts.append(_item(folder, entry, item, message, recent))
+        parts.append(_item(folder, entry, item, message, recent, whole))
     if with_flags and "FLAGS" not in names:
         parts.append(b"FLAGS " + format_flags(entry.flags, recent=recent).encode())
     return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
@@ -80,6 +98,7 @@ def _item(
     item: FetchItem,
     message: Message | None,
     recent: bool,
+    whole: bool,
 ) -> bytes:
     name = item.name
     if name == "UID":
@@ -89,7 +108,7 @@ def _item(
     if name == "INTERNALDATE":
         return b"INTERNALDATE " + internal_date(entry.internaldate).encode()
     if name == "RFC822.SIZE":
-        size = message.size if message is not None else folder.message_size(entry.uid)
+        size = message.size if whole else folder.message_size(entry.uid)
         return b"RFC822.SIZE %d" % size
     assert message is not None
     if name == "ENVELOPE":

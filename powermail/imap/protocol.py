@@ -104,6 +104,11 @@ class ImapServerProtocol(protocol.Protocol):
     # -- Twisted's Protocol interface -----------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # Responses go out in many small writes: Nagle's algorithm would
+        # hold each batch for the client's delayed ACK (about 40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.transport.registerProducer(self, True)
         if not self.factory.admit(self):
             _log.warn("refused IMAP connection from {peer}: too many", peer=self.peer)

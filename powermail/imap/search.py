@@ -18,6 +18,7 @@ from powermail.storage.maildirpp import Entry, FolderError
 
 __all__ = ["needs_content", "search"]
 
+_BODY_KEYS = {"BODY", "TEXT"}
 _CONTENT_KEYS = {
     "BCC",
     "BODY",
@@ -50,25 +51,37 @@ def needs_content(keys: list[SearchKey]) -> bool:
     return any(k.name in _CONTENT_KEYS or needs_content(k.keys) for k in keys)
 
 
+def needs_body(keys: list[SearchKey]) -> bool:
+    """Whether a key looks past the header section."""
+    return any(k.name in _BODY_KEYS or needs_body(k.keys) for k in keys)
+
+
 class _Candidate:
     """One message under test; its content is read at most once."""
 
-    __slots__ = ("_message", "entry", "seq", "view")
+    __slots__ = ("_message", "entry", "seq", "view", "whole")
 
-    def __init__(self, view: SelectedMailbox, entry: Entry, seq: int) -> None:
+    def __init__(
+        self, view: SelectedMailbox, entry: Entry, seq: int, *, whole: bool
+    ) -> None:
         self.view = view
         self.entry = entry
         self.seq = seq
+        self.whole = whole
         self._message: Message | None = None
 
     @property
     def message(self) -> Message:
+        """The message, or only its header section when no key needs more."""
         if self._message is None:
-            self._message = Message(self.view.folder.read_message(self.entry.uid))
+            folder = self.view.folder
+            uid = self.entry.uid
+            data = folder.read_message(uid) if self.whole else folder.read_header(uid)
+            self._message = Message(data)
         return self._message
 
     def size(self) -> int:
-        if self._message is not None:
+        if self._message is not None and self.whole:
             return self._message.size
         return self.view.folder.message_size(self.entry.uid)
 
@@ -81,11 +94,12 @@ def search(view: SelectedMailbox, keys: list[SearchKey]) -> list[tuple[int, int]
     found = []
     snapshot = view.snapshot.by_uid()
     largest_uid = view.uids[-1] if view.uids else 0
+    whole = needs_body(keys)
     for seq, uid in enumerate(view.uids, start=1):
         entry = snapshot.get(uid)
         if entry is None:
             continue
-        candidate = _Candidate(view, entry, seq)
+        candidate = _Candidate(view, entry, seq, whole=whole)
         try:
             if all(_matches(candidate, k, len(view.uids), largest_uid) for k in keys):
                 found.append((seq, uid))

@@ -18,6 +18,7 @@ threads.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import re
@@ -249,7 +250,26 @@ _LF = re.compile(rb"\r?\n")
 
 
 def _to_crlf(data: bytes) -> bytes:
+    # Most files already have CRLF (the MX stores what it received): the
+    # two counts are far cheaper than a rewrite.
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
     return _LF.sub(b"\r\n", data)
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _read_header(file: BinaryIO) -> bytes:
+    """The header section of an open message file, up to its blank line."""
+    data = b""
+    while chunk := file.read(16384):
+        searched_from = max(len(data) - 3, 0)
+        data += chunk
+        end = _HEADER_END.search(data, searched_from)
+        if end is not None:
+            return data[: end.end()]
+    return data
 
 
 # -- dotlocks ---------------------------------------------------------------------
@@ -458,6 +478,18 @@ class _Uidlist:
 # anyone holds it: the sessions of one user share one state per folder.
 _registry: weakref.WeakValueDictionary[str, Folder] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
+# The folders used last stay in memory when no session holds them, so a
+# client that logs in again (or a mail program polling every few minutes)
+# does not rescan a large folder; a sync still notices any change on disk.
+_KEEP_RECENT = 64
+_recent: collections.OrderedDict[str, Folder] = collections.OrderedDict()
+
+
+def forget_folders() -> None:
+    """Drop every shared Folder, as a new process starts (for tests)."""
+    with _registry_lock:
+        _recent.clear()
+        _registry.clear()
 
 
 class Folder:
@@ -694,6 +726,14 @@ class Folder:
         """The whole message of ``uid`` with CRLF line ends, as IMAP serves it."""
         with self.open_message(uid) as file:
             return _to_crlf(file.read())
+
+    def read_header(self, uid: int) -> bytes:
+        """The header section of ``uid``'s message (blank line included), CRLF.
+
+        A message without a blank line is all header.
+        """
+        with self.open_message(uid) as file:
+            return _to_crlf(_read_header(file))
 
     def message_size(self, uid: int) -> int:
         """The message's size with CRLF line ends (RFC822.SIZE)."""
@@ -1433,6 +1473,10 @@ class UserMail:
             if fresh:
                 folder = Folder(name, path, lambda: self._new_uidvalidity(name))
                 _registry[key] = folder
+            _recent[key] = folder
+            _recent.move_to_end(key)
+            while len(_recent) > _KEEP_RECENT:
+                _recent.popitem(last=False)
         if fresh:
             folder.sync(move_new=False)
         return folder

@@ -30,9 +30,9 @@ UMLAUT_FOLDER = "Entw&APw-rfe"  # "Entwürfe" in modified UTF-7
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    maildirpp._registry.clear()
+    maildirpp.forget_folders()
     yield
-    maildirpp._registry.clear()
+    maildirpp.forget_folders()
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ SPECIALS = ["Drafts", "Junk", "Sent", "Trash"]
 @pytest.fixture(autouse=True)
 def fresh_registry():
     """Each test starts as a new process would: no shared Folder objects."""
-    maildirpp._registry.clear()
+    maildirpp.forget_folders()
     yield
-    maildirpp._registry.clear()
+    maildirpp.forget_folders()
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def mail(tmp_path):
 
 def reopen(mail: UserMail) -> UserMail:
     """The same Maildir as another process would see it."""
-    maildirpp._registry.clear()
+    maildirpp.forget_folders()
     return UserMail(mail.root)
 
 
