@@ -133,6 +133,7 @@ def _imap_limits(config: Config) -> ImapLimits:
         max_connections=imap.max_connections,
         max_connections_per_client=imap.max_connections_per_client,
         idle_timeout=imap.idle_timeout,
+        login_timeout=imap.login_timeout,
     )
 
 

@@ -115,6 +115,7 @@ class ImapSettings:
     max_connections: int
     max_connections_per_client: int
     idle_timeout: int
+    login_timeout: int
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "max_command_line": Key(
             "int", 65536, "octets in a command outside its literals", 1024, 16 * MiB
         ),
-        "max_errors": Key("int", 20, "bad commands before hanging up", 1, 1000),
+        "max_errors": Key(
+            "int", 20, "bad commands in a row before hanging up", 1, 1000
+        ),
         "max_login_failures": Key(
             "int", 3, "failed logins in a session before hanging up", 1, 100
         ),
@@ -136,6 +138,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         ),
         "idle_timeout": Key(
             "int", 1800, "seconds without a command (RFC 3501: 30 min)", 60, 86400
+        ),
+        "login_timeout": Key(
+            "int", 60, "seconds a connection may take to log in", 5, 3600
         ),
     },
 }

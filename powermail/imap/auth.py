@@ -8,6 +8,7 @@ so a session can only ever reach the Maildir of the address it logged in as.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import Interface, implementer
 
 from powermail.directory import Directory
-from powermail.passwords import verify_password
+from powermail.passwords import hash_password, verify_password
 from powermail.storage.maildirpp import UserMail
 
 __all__ = ["IMailUser", "MailUser", "make_portal"]
@@ -35,6 +36,16 @@ class MailUser:
 
     address: str
     mail: UserMail
+
+
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A hash no password matches, with the cost of a real one."""
+    if not _DUMMY:
+        _DUMMY.append(hash_password(os.urandom(24).hex()))
+    return _DUMMY[0]
 
 
 @implementer(ICredentialsChecker)
@@ -64,15 +75,20 @@ class DirectoryChecker:
         if isinstance(password, str):
             password = password.encode("utf-8")
         mailbox = self._directory().lookup_login(login)
-        if mailbox is None or mailbox.mode != "local" or not mailbox.password_hash:
-            return defer.fail(error.UnauthorizedLogin())
-        stored = mailbox.password_hash
+        known = (
+            mailbox is not None
+            and mailbox.mode == "local"
+            and bool(mailbox.password_hash)
+        )
+        # An unknown login costs a hash too, so the time of the answer does
+        # not tell which addresses exist.
+        stored = mailbox.password_hash if known else _dummy_hash()
 
         def check() -> bool:
             return verify_password(stored, password.decode("utf-8", "replace"))
 
         def decide(ok: bool):
-            if not ok:
+            if not ok or not known:
                 raise error.UnauthorizedLogin()
             return mailbox.key
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import os
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -52,12 +53,17 @@ SELECTED = "selected"
 _ANY = (NOT_AUTHENTICATED, AUTHENTICATED, SELECTED)
 _AUTHED = (AUTHENTICATED, SELECTED)
 
-# FETCH responses are made this many messages at a time in a worker thread.
+# FETCH responses are made in a worker thread, at most this many messages
+# or (after the message that passes it) this many octets at a time; the next
+# batch waits until the client has read the last.
 FETCH_BATCH = 100
+FETCH_BATCH_OCTETS = 1024 * 1024
 _SYSTEM = {flag.upper(): flag for flag in SYSTEM_FLAGS}
 _UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (their UID forms may).
-_NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH"}
+# COPY and MOVE are held too: their message numbers must mean what the
+# client meant when it sent them, not what an expunge just renumbered.
+_NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE"}
 _CHARSETS = {"UTF-8": "utf-8", "US-ASCII": "ascii", "ISO-8859-1": "latin-1"}
 _ATOM_SAFE = re.compile(r"[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+\Z")
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
@@ -80,6 +86,11 @@ def quote_mailbox(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def printable(text: str) -> str:
+    """``text`` for a log line: control characters shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def compact_set(numbers: Iterable[int]) -> str:
     """``1:3,5,7:8``: a sequence set naming ``numbers`` in their order."""
     out: list[str] = []
@@ -96,17 +107,48 @@ def compact_set(numbers: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def list_pattern(pattern: str) -> re.Pattern:
-    """LIST wildcards: ``*`` matches anything, ``%`` anything but ``.``."""
-    out = []
-    for c in pattern:
-        if c == "*":
-            out.append(".*")
-        elif c == "%":
-            out.append(f"[^{re.escape(SEPARATOR)}]*")
-        else:
-            out.append(re.escape(c))
-    return re.compile("".join(out), re.DOTALL)
+class ListPattern:
+    """A LIST pattern: ``*`` matches anything, ``%`` anything but ``.``.
+
+    Matching runs the pattern as a set of positions over the name, so it
+    takes time in proportion to their lengths' product, whatever the
+    wildcards (a backtracking regular expression could take seconds).
+    """
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def fullmatch(self, name: str) -> bool:
+        pattern = self.pattern
+        states = self._closure({0})
+        for char in name:
+            following = set()
+            for i in states:
+                if i == len(pattern):
+                    continue
+                wanted = pattern[i]
+                if wanted == "*" or (wanted == "%" and char != SEPARATOR):
+                    following.add(i)
+                elif wanted == char:
+                    following.add(i + 1)
+            if not following:
+                return False
+            states = self._closure(following)
+        return len(pattern) in states
+
+    def _closure(self, states: set[int]) -> set[int]:
+        # A wildcard may also match nothing: its next position is live too.
+        pattern = self.pattern
+        out = set(states)
+        for i in sorted(states):
+            while i < len(pattern) and pattern[i] in "*%":
+                i += 1
+                out.add(i)
+        return out
+
+
+def list_pattern(pattern: str) -> ListPattern:
+    return ListPattern(pattern)
 
 
 class Commands:
@@ -180,12 +222,15 @@ class Commands:
         cursor = Cursor(text, literals)
         try:
             tag = cursor.tag()
-            cursor.space()
-            name = cursor.atom("a command name").upper()
         except ParseError as exc:
             self.proto.send(b"* BAD Error in IMAP command: %s\r\n" % str(exc).encode())
             self.count_error()
             return None
+        try:
+            cursor.space()
+            name = cursor.atom("a command name").upper()
+        except ParseError as exc:
+            return self._tagged_bad(tag, f"Error in IMAP command: {exc}")
         uid = False
         if name == "UID":
             try:
@@ -239,6 +284,9 @@ class Commands:
             return
         if text is not None and not self.proto.closed:
             self.proto.send(f"{tag} {text}\r\n".encode())
+        # The budget is for a client that sends nothing but garbage: a
+        # command that went through starts it again.
+        self.errors = 0
 
     async def _catch_up(
         self, view: SelectedMailbox, *, allow_expunge: bool, sync: bool
@@ -397,6 +445,7 @@ class Commands:
         await self.run_blocking(avatar.mail.prepare)
         self.user = avatar
         self.state = AUTHENTICATED
+        self.proto.logged_in()
         _log.info(
             "IMAP login {mailbox} from {peer}",
             mailbox=avatar.address,
@@ -408,7 +457,7 @@ class Commands:
         self.login_failures += 1
         _log.warn(
             "failed IMAP login for {login} from {peer}: {why}",
-            login=login.decode("utf-8", "replace")[:100],
+            login=printable(login.decode("utf-8", "replace")[:100]),
             peer=self.proto.peer,
             why=why,
         )
@@ -605,7 +654,11 @@ class Commands:
 
         def append() -> int:
             if literal.spool is not None:
-                path = literal.finish_blocking()
+                spooled = literal.finish_blocking()
+                # It arrived before the folder was known: move it into the
+                # folder's own tmp/ (one file system, so a rename).
+                path = folder.tmp_path()
+                os.rename(spooled, path)
             else:
                 path = folder.tmp_path()
                 with create_private(path) as file:
@@ -730,11 +783,14 @@ class Commands:
         view = self._view()
         set_seen = not view.readonly and any(sets_seen(i) for i in items)
         missing = False
-        for start in range(0, len(uids), FETCH_BATCH):
+        seen_now: set[int] = set()
+        start = 0
+        while start < len(uids):
             batch = uids[start : start + FETCH_BATCH]
-            lines, told, gone = await self.run_blocking(
-                _fetch_batch, view, batch, items, set_seen, uid
+            lines, told, gone, done = await self.run_blocking(
+                _fetch_batch, view, batch, items, set_seen, uid, seen_now
             )
+            start += done
             missing = missing or gone
             for uid_told, flags in told:
                 view.note_flags(uid_told, flags)
@@ -900,15 +956,17 @@ def _fetch_batch(
     items: list[FetchItem],
     set_seen: bool,
     with_uid: bool,
-) -> tuple[list[bytes], list[tuple[int, frozenset[str]]], bool]:
-    """FETCH responses for ``uids``, made in a worker thread.
+    seen_now: set[int],
+) -> tuple[list[bytes], list[tuple[int, frozenset[str]]], bool, int]:
+    """FETCH responses for the first of ``uids``, made in a worker thread.
 
-    Returns the lines, the flags each message was shown with, and whether
-    some message had gone from the disk.
+    Returns the lines, the flags each message was shown with, whether some
+    message had gone from the disk, and how many of ``uids`` were done.
+    ``seen_now`` collects the messages this FETCH has set \\Seen on (their
+    responses include FLAGS, RFC 3501 6.4.5), across batches.
     """
     folder = view.folder
     current = folder.snapshot.by_uid()
-    seen_now: set[int] = set()
     if set_seen:
         changes = {
             u: e.flags | {"\\Seen"}
@@ -917,11 +975,17 @@ def _fetch_batch(
         }
         if changes:
             current = folder.store_flags(changes).by_uid()
-            seen_now = set(changes)
+            seen_now.update(changes)
     lines: list[bytes] = []
     told: list[tuple[int, frozenset[str]]] = []
     gone = False
+    done = 0
+    octets = 0
     for u in uids:
+        if octets >= FETCH_BATCH_OCTETS:
+            # Enough for the client to read before the next batch is made.
+            break
+        done += 1
         entry = current.get(u)
         seq = view.seq_of(u)
         if entry is None or seq is None:
@@ -929,7 +993,7 @@ def _fetch_batch(
             continue
         try:
             lines.append(
-                fetch_response(
+                line := fetch_response(
                     folder,
                     entry,
                     seq,
@@ -942,9 +1006,10 @@ def _fetch_batch(
         except FolderError:
             gone = True
             continue
+        octets += len(line)
         if u in seen_now or any(i.name == "FLAGS" for i in items):
             told.append((u, entry.flags))
-    return lines, told, gone
+    return lines, told, gone, done
 
 
 def _list_lines(

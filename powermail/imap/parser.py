@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from bisect import bisect_right
 from calendar import timegm
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,18 +90,38 @@ class SequenceSet:
     """A sequence set: ranges of numbers, ``None`` standing for ``*``."""
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    _resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
-        """The ranges with ``*`` as ``largest``, each low to high."""
-        out = []
+        """The ranges with ``*`` as ``largest``, low to high, merged.
+
+        However many ranges a client sends, the result has no overlaps, so
+        what is done for each range is done once per number at most.
+        """
+        cached = self._resolved.get(largest)
+        if cached is not None:
+            return cached
+        spans = []
         for low, high in self.ranges:
             low = largest if low is None else low
             high = largest if high is None else high
-            out.append((low, high) if low <= high else (high, low))
-        return out
+            spans.append((low, high) if low <= high else (high, low))
+        spans.sort()
+        merged: list[tuple[int, int]] = []
+        for low, high in spans:
+            if merged and low <= merged[-1][1] + 1:
+                if high > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], high)
+            else:
+                merged.append((low, high))
+        self._resolved.clear()
+        self._resolved[largest] = merged
+        return merged
 
     def contains(self, number: int, largest: int) -> bool:
-        return any(lo <= number <= hi for lo, hi in self.resolve(largest))
+        spans = self.resolve(largest)
+        index = bisect_right(spans, (number, _NO_END)) - 1
+        return index >= 0 and spans[index][0] <= number <= spans[index][1]
 
     def uses_star(self) -> bool:
         return any(None in r for r in self.ranges)
@@ -112,6 +133,9 @@ class SequenceSet:
         return ",".join(
             one(lo) if lo == hi else f"{one(lo)}:{one(hi)}" for lo, hi in self.ranges
         )
+
+
+_NO_END = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -494,7 +518,11 @@ class Cursor:
                 names = self.paren_list(lambda: self.astring("a header name"))
                 if not names:
                     raise ParseError("Empty header field list")
-                fields = tuple(n.decode("ascii", "replace").upper() for n in names)
+                for n in names:
+                    # RFC 5322 2.2: printable US-ASCII except the colon.
+                    if not n or any(c < 33 or c > 126 or c == 58 for c in n):
+                        raise ParseError("Invalid header field name")
+                fields = tuple(n.decode("ascii").upper() for n in names)
         self.char(b"]")
         partial = None
         if self.peek() == ord("<"):
@@ -508,7 +536,7 @@ class Cursor:
         if kind:
             section = f"{section}.{kind}" if section else kind
         if fields:
-            section += " (" + " ".join(fields) + ")"
+            section += " (" + " ".join(map(_astring, fields)) + ")"
         label = f"BODY[{section}]"
         if partial is not None:
             label += f"<{partial[0]}>"
@@ -571,6 +599,14 @@ class Cursor:
             self.space()
             return SearchKey(name, keys=[first, self.search_key(decode, depth + 1)])
         raise ParseError(f"Unknown search key {name}")
+
+
+def _astring(text: str) -> str:
+    """``text`` as an IMAP astring: an atom when it can be, else quoted."""
+    raw = text.encode("utf-8", "replace")
+    if raw and all(c in _ASTRING_CHARS for c in raw):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _mailbox_text(raw: bytes) -> str:

@@ -57,6 +57,7 @@ class ImapLimits:
     max_connections: int
     max_connections_per_client: int
     idle_timeout: int
+    login_timeout: int = 60
 
 
 def is_loopback(ip: str) -> bool:
@@ -99,6 +100,7 @@ class ImapServerProtocol(protocol.Protocol):
         self._holds: set[str] = set()
         self._writable: list[defer.Deferred] = []
         self._idle_timer: Any = None
+        self._login_timer: Any = None
         self._abort_timer: Any = None
 
     # -- Twisted's Protocol interface -----------------------------------------
@@ -118,6 +120,11 @@ class ImapServerProtocol(protocol.Protocol):
         self._idle_timer = self.factory.clock.callLater(
             self.limits.idle_timeout, self._timed_out
         )
+        # A connection that never logs in must not hold its slot for the
+        # whole idle timeout.
+        self._login_timer = self.factory.clock.callLater(
+            self.limits.login_timeout, self._login_timed_out
+        )
         self.send(
             b"* OK [CAPABILITY %s] PowerMail ready.\r\n"
             % self.commands.capabilities().encode()
@@ -133,7 +140,7 @@ class ImapServerProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.closed = True
-        for timer in (self._idle_timer, self._abort_timer):
+        for timer in (self._idle_timer, self._login_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._drop_command()
@@ -203,8 +210,9 @@ class ImapServerProtocol(protocol.Protocol):
         self.closed = True
         self._buffer = b""
         self._drop_command()
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        for timer in (self._idle_timer, self._login_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         # TLS sends its close_notify and closes only once no producer is
         # registered; with one it would wait for the grace period.
         self.transport.unregisterProducer()
@@ -212,6 +220,15 @@ class ImapServerProtocol(protocol.Protocol):
         self._abort_timer = self.factory.clock.callLater(
             CLOSE_GRACE, self.transport.abortConnection
         )
+
+    def logged_in(self) -> None:
+        """The session is authenticated: only the idle timeout applies now."""
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+
+    def _login_timed_out(self) -> None:
+        _log.info("IMAP session from {peer} did not log in in time", peer=self.peer)
+        self.close(b"* BYE Login timeout\r\n")
 
     def _timed_out(self) -> None:
         _log.info("IMAP session from {peer} timed out", peer=self.peer)

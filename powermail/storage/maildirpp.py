@@ -95,6 +95,29 @@ _MTIME_SLACK_NS = 2_000_000_000
 
 _SUBSCRIPTIONS_V2 = b"V\t2\n\n"
 
+# Files left in tmp/ this long are remains of a crash (the Maildir spec's
+# 36 hours, which Dovecot follows); each folder's tmp/ is looked at hourly.
+_TMP_STALE = 36 * 3600
+_TMP_CLEAN_INTERVAL = 3600.0
+
+
+def clean_tmp(tmp: Path) -> None:
+    """Remove files in ``tmp`` untouched for 36 hours."""
+    limit = time.time() - _TMP_STALE
+    try:
+        with os.scandir(tmp) as it:
+            stale = [
+                e.path
+                for e in it
+                if e.is_file(follow_symlinks=False)
+                and e.stat(follow_symlinks=False).st_mtime < limit
+            ]
+    except FileNotFoundError:
+        return
+    for path in stale:
+        _log.info("removing stale {path}", path=path)
+        unlink_quietly(path)
+
 
 class FolderError(Exception):
     """A refused folder operation, with the reply it deserves.
@@ -520,6 +543,7 @@ class Folder:
         self._scanned_at = 0
         self._recent: set[int] = set()
         self._recent_known: set[int] = set()
+        self._tmp_cleaned = float("-inf")
 
     def __repr__(self) -> str:
         return f"<Folder {self.name!r}>"
@@ -533,6 +557,10 @@ class Folder:
         ``cur/`` as Dovecot moves them (an EXAMINE passes False).
         """
         with self._lock:
+            now = time.monotonic()
+            if now - self._tmp_cleaned > _TMP_CLEAN_INTERVAL:
+                self._tmp_cleaned = now
+                clean_tmp(self.path / "tmp")
             return self._sync_locked(move_new=move_new)
 
     def claim_recent(self, uids: Iterable[int]) -> set[int]:
@@ -1269,6 +1297,7 @@ class UserMail:
             self._ensure_root()
             if fresh:
                 self._set_subscribed("INBOX", True)
+            clean_tmp(self.root / "tmp")
             for name in SPECIAL_USE:
                 if self._path(name).is_dir():
                     continue

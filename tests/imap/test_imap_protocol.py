@@ -313,3 +313,40 @@ def test_id_enable_and_unselect(imap):
     )
     assert imap.send(b"e ENABLE CONDSTORE\r\n") == b"* ENABLED\r\ne OK Enabled.\r\n"
     assert imap.send(b"u UNSELECT\r\n") == b"u BAD No mailbox selected\r\n"
+
+
+def test_a_connection_that_never_logs_in_is_closed(imap):
+    imap.clock.advance(59)
+    assert imap.take() == b""
+    imap.clock.advance(1)
+    assert imap.take() == b"* BYE Login timeout\r\n"
+    assert imap.transport.disconnecting
+
+
+def test_after_login_only_the_idle_timeout_applies(imap):
+    imap.login()
+    imap.clock.advance(61)
+    assert imap.take() == b""
+    assert not imap.transport.disconnecting
+
+
+def test_a_good_command_starts_the_error_budget_again(tmp_path):
+    imap = Harness(tmp_path, max_errors=2)
+    for _ in range(5):
+        assert imap.send(b"a FROB\r\n") == b"a BAD Unknown command FROB\r\n"
+        assert imap.send(b"n NOOP\r\n") == b"n OK NOOP completed.\r\n"
+    assert not imap.transport.disconnecting
+
+
+def test_list_wildcards_match_in_linear_time():
+    from powermail.imap.commands import list_pattern
+
+    name = "a" * 200
+    assert not list_pattern("*a*a*a*a*a*a*a*a*a*ab").fullmatch(name)
+    assert list_pattern("*a*a*a*a*a*a*a*a*a*a").fullmatch(name)
+    assert list_pattern("%").fullmatch("Sent")
+    assert not list_pattern("%").fullmatch("Archive.2024")
+    assert list_pattern("Archive.%").fullmatch("Archive.2024")
+    assert list_pattern("*").fullmatch("Archive.2024")
+    assert list_pattern("A*4").fullmatch("Archive.2024")
+    assert not list_pattern("A%4").fullmatch("Archive.2024")
