@@ -620,7 +620,6 @@ class Commands:
             return mail.folder(name).status()
 
         counts = await self.run_blocking(status)
-        counts.setdefault("RECENT", 0)
         shown = " ".join(f"{item} {counts[item]}" for item in items)
         self.proto.send(f"* STATUS {quote_mailbox(name)} ({shown})\r\n".encode())
         return "OK Status completed."

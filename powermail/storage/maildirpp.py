@@ -505,13 +505,13 @@ _registry_lock = threading.Lock()
 # client that logs in again (or a mail program polling every few minutes)
 # does not rescan a large folder; a sync still notices any change on disk.
 _KEEP_RECENT = 64
-_recent: collections.OrderedDict[str, Folder] = collections.OrderedDict()
+_kept: collections.OrderedDict[str, Folder] = collections.OrderedDict()
 
 
 def forget_folders() -> None:
     """Drop every shared Folder, as a new process starts (for tests)."""
     with _registry_lock:
-        _recent.clear()
+        _kept.clear()
         _registry.clear()
 
 
@@ -782,12 +782,17 @@ class Folder:
         return vsize
 
     def status(self) -> dict:
-        """MESSAGES, UIDNEXT, UIDVALIDITY and UNSEEN, for IMAP's STATUS."""
+        """MESSAGES, RECENT, UIDNEXT, UIDVALIDITY and UNSEEN, for STATUS.
+
+        RECENT counts the messages no session has been shown as recent yet.
+        """
         with self._lock:
             snapshot = self._sync_locked(move_new=False)
+            recent = len(self._recent.intersection(snapshot.by_uid()))
         unseen = sum(1 for e in snapshot.entries if "\\Seen" not in e.flags)
         return {
             "MESSAGES": len(snapshot.entries),
+            "RECENT": recent,
             "UIDNEXT": snapshot.next_uid,
             "UIDVALIDITY": snapshot.uidvalidity,
             "UNSEEN": unseen,
@@ -1502,10 +1507,10 @@ class UserMail:
             if fresh:
                 folder = Folder(name, path, lambda: self._new_uidvalidity(name))
                 _registry[key] = folder
-            _recent[key] = folder
-            _recent.move_to_end(key)
-            while len(_recent) > _KEEP_RECENT:
-                _recent.popitem(last=False)
+            _kept[key] = folder
+            _kept.move_to_end(key)
+            while len(_kept) > _KEEP_RECENT:
+                _kept.popitem(last=False)
         if fresh:
             folder.sync(move_new=False)
         return folder

@@ -350,3 +350,15 @@ def test_list_wildcards_match_in_linear_time():
     assert list_pattern("*").fullmatch("Archive.2024")
     assert list_pattern("A*4").fullmatch("Archive.2024")
     assert not list_pattern("A%4").fullmatch("Archive.2024")
+
+
+def test_status_counts_recent_messages_until_a_session_sees_them(imap):
+    imap.deliver(b"Subject: one\r\n\r\nbody\r\n", "1700000000.a.host")
+    imap.login()
+    assert imap.send(b"s STATUS INBOX (MESSAGES RECENT UNSEEN)\r\n") == (
+        b"* STATUS INBOX (MESSAGES 1 RECENT 1 UNSEEN 1)\r\ns OK Status completed.\r\n"
+    )
+    imap.send(b"e SELECT INBOX\r\n")
+    assert imap.send(b"s STATUS INBOX (RECENT)\r\n") == (
+        b"* STATUS INBOX (RECENT 0)\r\ns OK Status completed.\r\n"
+    )

@@ -513,8 +513,10 @@ def test_status_counts_without_moving_new_mail(mail):
     append(inbox, b"Subject: x\r\n\r\n", {"\\Seen"})
     append(inbox, b"Subject: y\r\n\r\n")
     (mail.root / "new" / "1700000000.M1P1Q9.mx").write_bytes(b"a\r\n")
+    # All three are recent: no session has claimed them yet.
     assert inbox.status() == {
         "MESSAGES": 3,
+        "RECENT": 3,
         "UIDNEXT": 4,
         "UIDVALIDITY": inbox.snapshot.uidvalidity,
         "UNSEEN": 2,
