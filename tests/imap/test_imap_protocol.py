@@ -362,3 +362,59 @@ def test_status_counts_recent_messages_until_a_session_sees_them(imap):
     assert imap.send(b"s STATUS INBOX (RECENT)\r\n") == (
         b"* STATUS INBOX (RECENT 0)\r\ns OK Status completed.\r\n"
     )
+
+
+def test_examine_is_read_only(imap):
+    imap.deliver(b"Subject: one\r\n\r\nbody\r\n", "1700000000.a.host")
+    imap.login()
+    reply = imap.send(b"x EXAMINE INBOX\r\n")
+    assert b"* OK [PERMANENTFLAGS ()] Flags permitted.\r\n" in reply
+    assert b"* 0 RECENT\r\n" in reply
+    assert reply.endswith(b"x OK [READ-ONLY] Examine completed.\r\n")
+    assert imap.send(b"s STORE 1 +FLAGS (\\Seen)\r\n") == (
+        b"s NO [READ-ONLY] Mailbox is read-only (EXAMINE)\r\n"
+    )
+    assert imap.send(b"f FETCH 1 (BODY[TEXT])\r\n") == (
+        b"* 1 FETCH (BODY[TEXT] {6}\r\nbody\r\n)\r\nf OK Fetch completed.\r\n"
+    )
+    new = imap.store.maildir_for("example.test", "alice") / "new"
+    assert [p.name for p in new.iterdir()] == ["1700000000.a.host"]
+
+
+def test_check_and_close_expunge_silently(imap):
+    imap.deliver(b"Subject: one\r\n\r\nbody\r\n", "1700000000.a.host")
+    imap.login()
+    imap.send(b"s SELECT INBOX\r\n")
+    assert imap.send(b"k CHECK\r\n") == b"k OK Check completed.\r\n"
+    imap.send(b"t STORE 1 +FLAGS.SILENT (\\Deleted)\r\n")
+    assert imap.send(b"c CLOSE\r\n") == b"c OK Close completed.\r\n"
+    assert imap.send(b"f FETCH 1 FLAGS\r\n") == b"f BAD No mailbox selected\r\n"
+    assert imap.send(b"s STATUS INBOX (MESSAGES)\r\n") == (
+        b"* STATUS INBOX (MESSAGES 0)\r\ns OK Status completed.\r\n"
+    )
+
+
+def test_create_rename_delete_subscribe_and_lsub(imap):
+    imap.login()
+    assert imap.send(b"c CREATE Projects.\r\n") == b"c OK Create completed.\r\n"
+    assert imap.send(b"c CREATE Projects\r\n") == (
+        b"c NO [ALREADYEXISTS] The folder already exists.\r\n"
+    )
+    assert imap.send(b"c CREATE inbox\r\n") == (
+        b"c NO [ALREADYEXISTS] INBOX always exists\r\n"
+    )
+    assert imap.send(b"r RENAME Projects Work\r\n") == b"r OK Rename completed.\r\n"
+    assert imap.send(b"u SUBSCRIBE Work\r\n") == b"u OK Subscribe completed.\r\n"
+    assert imap.send(b'l LSUB "" W*\r\n') == (
+        b'* LSUB () "." Work\r\nl OK Lsub completed.\r\n'
+    )
+    assert imap.send(b"u UNSUBSCRIBE Work\r\n") == b"u OK Unsubscribe completed.\r\n"
+    assert imap.send(b'l LSUB "" W*\r\n') == b"l OK Lsub completed.\r\n"
+    assert imap.send(b"d DELETE Work\r\n") == b"d OK Delete completed.\r\n"
+    assert imap.send(b"d DELETE Work\r\n") == (
+        b"d NO [NONEXISTENT] The folder does not exist.\r\n"
+    )
+    assert imap.send(b"d DELETE INBOX\r\n").startswith(b"d NO [CANNOT] ")
+    assert imap.send(b'c CREATE "a/b"\r\n') == (
+        b"c NO [CANNOT] Invalid folder name: / and \\ are not allowed.\r\n"
+    )
