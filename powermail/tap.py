@@ -6,6 +6,9 @@ with a child per listener and per timer.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -59,6 +62,8 @@ class Options(usage.Options):
             self["tls_options"] = _tls_options(config)
             self["trust_root"] = _trust_root(config)
             config.server.data_dir.mkdir(parents=True, exist_ok=True)
+            self["lock"] = _lock_data_dir(config)
+            _check_addresses_free(config)
         except ConfigError as exc:
             sys.stderr.write(f"powermail: {exc}\n")
             raise SystemExit(1) from None
@@ -69,6 +74,52 @@ class Options(usage.Options):
             )
             raise SystemExit(1) from None
         self["loaded"] = config
+
+
+def _lock_data_dir(config: Config):
+    """Hold ``data_dir/powermail.lock`` for as long as this process runs.
+
+    A second server on the same data would share its queue and Maildirs
+    and take over its control socket.
+    """
+    path = config.server.data_dir / "powermail.lock"
+    lock = open(path, "a+b")  # noqa: SIM115 (held until the process exits)
+    os.chmod(path, 0o600)
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(
+            config.path,
+            "server.data_dir",
+            f"another PowerMail is running with {config.server.data_dir}",
+        ) from None
+    return lock
+
+
+def _check_addresses_free(config: Config) -> None:
+    """Refuse to start, in one line, when a listener's address is taken.
+
+    The listeners would fail later anyway, with a traceback; this names the
+    key.  (Another program could still take the port in between.)
+    """
+    keys = {
+        "mx.listen": config.mx.listen,
+        "imap.listen": config.imap.listen,
+        "imap.tls_listen": config.imap.tls_listen,
+    }
+    for key, addresses in keys.items():
+        for index, listen in enumerate(addresses):
+            family = socket.AF_INET6 if listen.is_ipv6 else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As Twisted binds: a port in TIME_WAIT is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((listen.host, listen.port))
+                except OSError as exc:
+                    raise ConfigError(
+                        config.path, f"{key}[{index}]", f"{listen}: {exc.strerror}"
+                    ) from None
 
 
 def _tls_options(config: Config):
@@ -150,6 +201,16 @@ def _tls_endpoint(reactor, listen: Listen, tls_options):
     )
 
 
+def _listener(endpoint, factory) -> StreamServerEndpointService:
+    """A listening service whose failure to bind stops the start."""
+    listener = StreamServerEndpointService(endpoint, factory)
+    # Twisted's documented switch: raise from privilegedStartService, so
+    # twistd reports the address in use and exits instead of running on
+    # without the listener.
+    listener._raiseSynchronously = True
+    return listener
+
+
 def _imap_services(reactor, config: Config, running, store, tls_options):
     """The IMAP (STARTTLS) and IMAPS listeners, sharing their limits."""
 
@@ -180,13 +241,11 @@ def _imap_services(reactor, config: Config, running, store, tls_options):
     running.subscribe(apply_limits)
     services = []
     for listen in config.imap.listen:
-        imap = StreamServerEndpointService(_endpoint(reactor, listen), factories[0])
+        imap = _listener(_endpoint(reactor, listen), factories[0])
         imap.setName(f"imap {listen}")
         services.append(imap)
     for listen in config.imap.tls_listen:
-        imaps = StreamServerEndpointService(
-            _tls_endpoint(reactor, listen, tls_options), factories[1]
-        )
+        imaps = _listener(_tls_endpoint(reactor, listen, tls_options), factories[1])
         imaps.setName(f"imaps {listen}")
         services.append(imaps)
     return services
@@ -240,7 +299,7 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802
 
     running.subscribe(apply_limits)
     for listen in config.mx.listen:
-        mx = StreamServerEndpointService(_endpoint(reactor, listen), factory)
+        mx = _listener(_endpoint(reactor, listen), factory)
         mx.setName(f"mx {listen}")
         mx.setServiceParent(top)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,38 @@ def test_installed_powermail_command_checks_the_default(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK (1 domain, 2 mailboxes, 2 aliases)")
+
+
+def test_an_address_in_use_stops_the_start_with_one_message(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = GOOD.format(port=port) + (
+            f'[imap]\nlisten = ["127.0.0.1:{free_port()}"]\n'
+            f'tls_listen = ["127.0.0.1:{free_port()}"]\n'
+        )
+        result = _start_with(tmp_path, text)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"powermail: {tmp_path / 'powermail.toml'}: mx.listen[0]:"
+        f" 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(powermail):
+    """It would share the queue and take over the control socket."""
+    result = subprocess.run(
+        twistd_command(powermail.config),
+        cwd=powermail.config.parent,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"powermail: {powermail.config}: server.data_dir: another PowerMail is"
+        f" running with {powermail.data_dir}"
+    ]
+    assert (powermail.data_dir / "control.sock").exists()

@@ -397,7 +397,7 @@ class Commands:
         cursor.expect_end()
         if not self.plaintext_allowed():
             raise ImapError(
-                "Plaintext login is disabled: use STARTTLS or port 993 first",
+                "Plaintext login is disabled: use STARTTLS or the IMAPS port first",
                 code="PRIVACYREQUIRED",
             )
         return await self._login(login, password)
@@ -413,7 +413,7 @@ class Commands:
             raise ImapError(f"Unsupported mechanism {mechanism[:20]}")
         if not self.plaintext_allowed():
             raise ImapError(
-                "Plaintext authentication is disabled: use STARTTLS or port 993",
+                "Plaintext authentication is disabled: use STARTTLS or the IMAPS port",
                 code="PRIVACYREQUIRED",
             )
         if initial is None:

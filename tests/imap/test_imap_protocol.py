@@ -115,11 +115,11 @@ def test_logindisabled_away_from_loopback_and_login_refused(tmp_path):
     )
     assert remote.send(b'a LOGIN alice@example.test "x"\r\n') == (
         b"a NO [PRIVACYREQUIRED] Plaintext login is disabled:"
-        b" use STARTTLS or port 993 first\r\n"
+        b" use STARTTLS or the IMAPS port first\r\n"
     )
     assert remote.send(b"b AUTHENTICATE PLAIN AGFsaWNlAHg=\r\n") == (
         b"b NO [PRIVACYREQUIRED] Plaintext authentication is disabled:"
-        b" use STARTTLS or port 993\r\n"
+        b" use STARTTLS or the IMAPS port\r\n"
     )
 
 
