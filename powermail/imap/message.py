@@ -154,6 +154,36 @@ def _parse_fields(data: bytes, start: int, end: int) -> list[tuple[str, int, int
     return fields
 
 
+def _named_fields(data: bytes, end: int, name: str) -> list[tuple[str, int, int, int]]:
+    """The fields called ``name`` (lowercase) in ``data[:end]``, as
+    :func:`_parse_fields` gives them, found without splitting the others."""
+    wanted = name.encode("latin-1")
+    low = data[:end].lower()
+    fields = []
+    position = 0 if low.startswith(wanted) else low.find(b"\n" + wanted)
+    while position >= 0:
+        start = position if position == 0 and low.startswith(wanted) else position + 1
+        after = start + len(wanted)
+        while after < end and low[after] in b" \t":
+            after += 1
+        if after < end and low[after] == ord(":"):
+            colon = after
+            scan = colon
+            while True:
+                newline = data.find(b"\n", scan, end)
+                if newline < 0:
+                    field_end = end
+                    break
+                if newline + 1 < end and data[newline + 1] in b" \t":
+                    scan = newline + 1
+                    continue
+                field_end = newline + 1
+                break
+            fields.append((name, start, colon, field_end))
+        position = low.find(b"\n" + wanted, start + 1)
+    return fields
+
+
 def _field_value(data: bytes, field: tuple[str, int, int, int]) -> bytes:
     """A field's value, unfolded (CRLF before WSP removed), leading WSP gone."""
     _, _, colon, end = field
@@ -1096,6 +1126,10 @@ class Message:
         answers.
         """
         data = self.data
+        if not part and kind == "HEADER" and self._root is None:
+            # The usual FETCH of a folder listing: no need to split fields.
+            end = _blank_line_end(data, 0, len(data))
+            return data if end < 0 else data[:end]
         if not part:
             node = self._top()
             if kind == "":
@@ -1189,7 +1223,13 @@ class Message:
         needle = _folded(needle)
         name = name.lower()
         data = self.data
-        for field in self._top().fields:
+        if name and self._root is None:
+            # One field looked for (SEARCH SUBJECT): find just those.
+            end = _blank_line_end(data, 0, len(data))
+            fields = _named_fields(data, len(data) if end < 0 else end, name)
+        else:
+            fields = self._top().fields
+        for field in fields:
             if field[2] < 0 or (name and field[0] != name):
                 continue
             raw = _field_value(data, field)

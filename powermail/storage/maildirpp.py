@@ -280,18 +280,29 @@ def _to_crlf(data: bytes) -> bytes:
     return _LF.sub(b"\r\n", data)
 
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+def _header_end(data: bytes, start: int) -> int:
+    """Offset after the first empty line (CRLF or LF) at or after ``start``."""
+    if start == 0:
+        if data.startswith(b"\r\n"):
+            return 2
+        if data.startswith(b"\n"):
+            return 1
+    crlf = data.find(b"\n\r\n", start)
+    lf = data.find(b"\n\n", start, crlf + 3 if crlf >= 0 else len(data))
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else -1
 
 
 def _read_header(file: BinaryIO) -> bytes:
     """The header section of an open message file, up to its blank line."""
     data = b""
     while chunk := file.read(16384):
-        searched_from = max(len(data) - 3, 0)
+        searched_from = max(len(data) - 2, 0)
         data += chunk
-        end = _HEADER_END.search(data, searched_from)
-        if end is not None:
-            return data[: end.end()]
+        end = _header_end(data, searched_from)
+        if end >= 0:
+            return data[:end]
     return data
 
 
@@ -526,6 +537,7 @@ class Folder:
     def __init__(self, name: str, path: Path, new_uidvalidity: Callable[[], int]):
         self.name = name
         self.path = path
+        self._root_text = str(path)
         self.snapshot = Snapshot(0, 1, ())
         self._new_uidvalidity = new_uidvalidity
         self._lock = threading.Lock()
@@ -744,7 +756,7 @@ class Folder:
                 if where is None:
                     break
                 try:
-                    return open(self.path / where[0] / where[1], "rb")
+                    return open(os.path.join(self._root_text, *where), "rb")
                 except FileNotFoundError:
                     if attempt == 0:
                         self._sync_locked(move_new=False, force=True)

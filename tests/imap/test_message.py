@@ -762,3 +762,24 @@ def test_sent_date_keeps_the_header_time_zone():
     assert Message(SEARCHABLE).sent_date() == datetime.date(2024, 1, 1)
     assert Message(b"Date: garbage\r\n\r\n").sent_date() is None
     assert Message(b"Subject: none\r\n\r\n").sent_date() is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Subject: one\r\n\r\n",
+        b"subject: a\r\n b\r\nX: y\r\nSUBJECT : c\r\n\r\n",
+        b"X: y\r\n\tSubject: not a field\r\nSubjectx: no\r\n\r\n",
+        b"From: a\nSubject: lf\n folded\n\nbody",
+        b"Subject:",
+        b"\r\nSubject: body, not header\r\n",
+    ],
+)
+def test_fields_found_by_name_are_those_the_full_split_finds(header):
+    """The fast path of SEARCH SUBJECT sees exactly the fields HEADER does."""
+    from powermail.imap.message import _blank_line_end, _named_fields, _parse_fields
+
+    end = _blank_line_end(header, 0, len(header))
+    end = len(header) if end < 0 else end
+    expected = [f for f in _parse_fields(header, 0, end) if f[0] == "subject"]
+    assert _named_fields(header, end, "subject") == expected
