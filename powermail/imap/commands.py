@@ -815,25 +815,20 @@ class Commands:
         flags = _stored_flags(cursor.flag_list(bare_allowed=True))
         cursor.expect_end()
         view = self._writable_view()
-        current = view.folder.snapshot.by_uid()
-        changes: dict[int, frozenset[str]] = {}
-        for u in uids:
-            entry = current.get(u)
-            if entry is None:
-                continue
+        folded = {f.casefold() for f in flags}
+
+        def update(have: frozenset[str]) -> frozenset[str]:
             if mode == "FLAGS":
-                new = flags
-            elif mode == "+FLAGS":
-                new = entry.flags | _missing(entry.flags, flags)
-            else:
-                # Keywords compare without case, as the store keeps them.
-                folded = {f.casefold() for f in flags}
-                new = frozenset(f for f in entry.flags if f.casefold() not in folded)
-            if new != entry.flags:
-                changes[u] = frozenset(new)
-        snapshot = view.folder.snapshot
-        if changes:
-            snapshot = await self.run_blocking(view.folder.store_flags, changes)
+                return flags
+            if mode == "+FLAGS":
+                return have | _missing(have, flags)
+            # Keywords compare without case, as the store keeps them.
+            return frozenset(f for f in have if f.casefold() not in folded)
+
+        snapshot, changed = await self.run_blocking(
+            view.folder.update_flags, uids, update
+        )
+        if changed:
             self.proto.factory.notifier.changed(view.folder)
         now = snapshot.by_uid()
         for u in uids:
@@ -841,7 +836,7 @@ class Commands:
             if entry is None:
                 continue
             view.note_flags(u, entry.flags)
-            if silent and (u not in changes or entry.flags == changes[u]):
+            if silent:
                 continue
             seq = view.seq_of(u)
             shown = format_flags(entry.flags, recent=view.is_recent(u))
@@ -967,14 +962,9 @@ def _fetch_batch(
     folder = view.folder
     current = folder.snapshot.by_uid()
     if set_seen:
-        changes = {
-            u: e.flags | {"\\Seen"}
-            for u in uids
-            if (e := current.get(u)) is not None and "\\Seen" not in e.flags
-        }
-        if changes:
-            current = folder.store_flags(changes).by_uid()
-            seen_now.update(changes)
+        snapshot, changed = folder.update_flags(uids, lambda have: have | {"\\Seen"})
+        current = snapshot.by_uid()
+        seen_now.update(changed)
     lines: list[bytes] = []
     told: list[tuple[int, frozenset[str]]] = []
     gone = False

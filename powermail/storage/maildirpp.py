@@ -637,34 +637,61 @@ class Folder:
         with self._lock:
             self._check_attached()
             self._sync_locked(move_new=True)
-            wanted = {flag for flags in changes.values() for flag in flags}
-            self._ensure_keywords_locked(wanted)
-            renamed_from: set[str] = set()
-            for uid, flags in changes.items():
-                for attempt in range(2):
-                    where = self._where.get(uid)
-                    if where is None:
-                        break
-                    subdir, old = where
-                    new = self._flagged_name(old, flags)
-                    if new == old and subdir == "cur":
-                        break
-                    try:
-                        os.rename(self.path / subdir / old, self.path / "cur" / new)
-                    except FileNotFoundError:
-                        if attempt == 0:
-                            self._sync_locked(move_new=False, force=True)
-                        continue
-                    renamed_from.add(subdir)
-                    self._files[_base_of(old)] = ("cur", new)
-                    self._where[uid] = ("cur", new)
+            return self._store_locked(changes)
+
+    def update_flags(
+        self, uids: Iterable[int], update: Callable[[frozenset[str]], frozenset[str]]
+    ) -> tuple[Snapshot, set[int]]:
+        """Apply ``update`` to each message's current flags; the new snapshot
+        and the UIDs whose flags changed.
+
+        The current flags are read and the new ones written under the
+        folder's lock, so two sessions adding different flags to one
+        message at once both have their way (STORE +FLAGS, FETCH's \\Seen).
+        """
+        with self._lock:
+            self._check_attached()
+            self._sync_locked(move_new=True)
+            current = self.snapshot.by_uid()
+            changes = {}
+            for uid in uids:
+                entry = current.get(uid)
+                if entry is None:
+                    continue
+                flags = frozenset(update(entry.flags))
+                if flags != entry.flags:
+                    changes[uid] = flags
+            return self._store_locked(changes), set(changes)
+
+    def _store_locked(self, changes: dict[int, frozenset[str]]) -> Snapshot:
+        wanted = {flag for flags in changes.values() for flag in flags}
+        self._ensure_keywords_locked(wanted)
+        renamed_from: set[str] = set()
+        for uid, flags in changes.items():
+            for attempt in range(2):
+                where = self._where.get(uid)
+                if where is None:
                     break
-            if renamed_from:
-                fsync_directory(self.path / "cur")
-                if "new" in renamed_from:
-                    fsync_directory(self.path / "new")
-                self._rebuild_locked()
-            return self.snapshot
+                subdir, old = where
+                new = self._flagged_name(old, flags)
+                if new == old and subdir == "cur":
+                    break
+                try:
+                    os.rename(self.path / subdir / old, self.path / "cur" / new)
+                except FileNotFoundError:
+                    if attempt == 0:
+                        self._sync_locked(move_new=False, force=True)
+                    continue
+                renamed_from.add(subdir)
+                self._files[_base_of(old)] = ("cur", new)
+                self._where[uid] = ("cur", new)
+                break
+        if renamed_from:
+            fsync_directory(self.path / "cur")
+            if "new" in renamed_from:
+                fsync_directory(self.path / "new")
+            self._rebuild_locked()
+        return self.snapshot
 
     def expunge(self, uids: Iterable[int]) -> list[int]:
         """Remove these messages for good; the UIDs really removed."""
