@@ -871,7 +871,8 @@ class Commands:
         verb = "Move" if move else "Copy"
         if not uids:
             return f"OK No messages to {verb.lower()}."
-        pairs = await self.run_blocking(view.folder.copy_to, uids, target)
+        transfer = view.folder.move_to if move else view.folder.copy_to
+        pairs = await self.run_blocking(transfer, uids, target)
         self.proto.factory.notifier.changed(target)
         code = ""
         if pairs:
@@ -883,8 +884,7 @@ class Commands:
         if not move:
             return f"OK {code}Copy completed."
         self.proto.send(f"* OK {code}Moved.\r\n".encode())
-        removed = await self.run_blocking(view.folder.expunge, [s for s, _ in pairs])
-        for line in view.forget(removed):
+        for line in view.forget(s for s, _ in pairs):
             self.proto.send(line)
         self.proto.factory.notifier.changed(view.folder)
         return "OK Move completed."

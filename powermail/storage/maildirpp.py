@@ -85,6 +85,8 @@ _TRASH_DIR = "..DOVECOT-TRASHED"
 
 # Dovecot's own limits for the dotlocks it shares with us.
 _UIDLIST_STALE = 120.0
+_PROCESS_STARTED = time.time()
+_LEFT_OVER_AGE = 5.0
 _SUBSCRIPTIONS_STALE = 30.0
 _LOCK_WAIT = 10.0
 
@@ -345,7 +347,12 @@ class _DotLock:
                 st = os.stat(self.path)
             except FileNotFoundError:
                 continue
-            if time.time() - st.st_mtime > self.stale_after:
+            age = time.time() - st.st_mtime
+            # A lock older than this process, and not just being written,
+            # was left by a crash of ours (the data_dir lock keeps a second
+            # PowerMail away; Dovecot holds it for milliseconds).
+            left_over = st.st_mtime < _PROCESS_STARTED and age > _LEFT_OVER_AGE
+            if age > self.stale_after or left_over:
                 _log.warn(
                     "removing stale lock {lock}, {age:.0f} s old",
                     lock=str(self.path),
@@ -697,51 +704,54 @@ class Folder:
         """Remove these messages for good; the UIDs really removed."""
         with self._lock:
             self._check_attached()
-            removed: list[int] = []
-            bases: set[str] = set()
-            dirs: set[str] = set()
-            for uid in dict.fromkeys(uids):
-                for attempt in range(2):
-                    where = self._where.get(uid)
-                    if where is None:
-                        break
-                    subdir, name = where
-                    try:
-                        os.unlink(self.path / subdir / name)
-                    except FileNotFoundError:
-                        if attempt == 0:
-                            self._sync_locked(move_new=False, force=True)
-                        continue
-                    removed.append(uid)
-                    bases.add(_base_of(name))
-                    dirs.add(subdir)
+            return self._expunge_locked(uids)
+
+    def _expunge_locked(self, uids: Iterable[int]) -> list[int]:
+        removed: list[int] = []
+        bases: set[str] = set()
+        dirs: set[str] = set()
+        for uid in dict.fromkeys(uids):
+            for attempt in range(2):
+                where = self._where.get(uid)
+                if where is None:
                     break
-            if not removed:
-                return removed
-            for subdir in sorted(dirs):
-                fsync_directory(self.path / subdir)
-            for base in bases:
-                self._files.pop(base, None)
-            try:
-                with self._uidlist_lock() as lock:
-                    self._read_uidlist_locked()
-                    if self._uidlist is not None:
-                        for base in bases:
-                            self._uidlist.records.pop(base, None)
-                        self._write_uidlist_locked(lock)
-            except FolderError as exc:
-                if exc.code != "INUSE":
-                    raise
-                # The files are gone, which is what counts; their records
-                # go with a later write.
-                _log.warn("{mailbox} is locked; uidlist kept", mailbox=self.name)
-            self._rebuild_locked()
-            _log.info(
-                "expunged {count} messages from {mailbox}",
-                count=len(removed),
-                mailbox=self.name,
-            )
+                subdir, name = where
+                try:
+                    os.unlink(self.path / subdir / name)
+                except FileNotFoundError:
+                    if attempt == 0:
+                        self._sync_locked(move_new=False, force=True)
+                    continue
+                removed.append(uid)
+                bases.add(_base_of(name))
+                dirs.add(subdir)
+                break
+        if not removed:
             return removed
+        for subdir in sorted(dirs):
+            fsync_directory(self.path / subdir)
+        for base in bases:
+            self._files.pop(base, None)
+        try:
+            with self._uidlist_lock() as lock:
+                self._read_uidlist_locked()
+                if self._uidlist is not None:
+                    for base in bases:
+                        self._uidlist.records.pop(base, None)
+                    self._write_uidlist_locked(lock)
+        except FolderError as exc:
+            if exc.code != "INUSE":
+                raise
+            # The files are gone, which is what counts; their records
+            # go with a later write.
+            _log.warn("{mailbox} is locked; uidlist kept", mailbox=self.name)
+        self._rebuild_locked()
+        _log.info(
+            "expunged {count} messages from {mailbox}",
+            count=len(removed),
+            mailbox=self.name,
+        )
+        return removed
 
     def copy_to(self, uids: Iterable[int], target: Folder) -> list[tuple[int, int]]:
         """Copy messages, flags and keywords kept, into ``target``.
@@ -768,6 +778,46 @@ class Folder:
                 unlink_quietly(path)
         _log.info(
             "copied {count} messages from {mailbox} to {target}",
+            count=len(new_uids),
+            mailbox=self.name,
+            target=target.name,
+        )
+        return [(item[0], new) for item, new in zip(staged, new_uids, strict=True)]
+
+    def move_to(self, uids: Iterable[int], target: Folder) -> list[tuple[int, int]]:
+        """Move messages into ``target`` (RFC 6851): copy, then expunge here.
+
+        Both folders stay locked from the copy to the expunge, so two
+        sessions moving one message leave one copy, not two.  Returns
+        (source UID, new UID) pairs; a message already gone is left out.
+        """
+        if target is self:
+            pairs = self.copy_to(uids, self)
+            self.expunge([old for old, _ in pairs])
+            return pairs
+        # Always the same order, so two moves in opposite directions
+        # cannot each hold the lock the other waits for.
+        first, second = sorted((self, target), key=lambda f: f._root_text)
+        staged: list[tuple[int, Path, str, frozenset[str]]] = []
+        try:
+            with first._lock, second._lock:
+                self._check_attached()
+                target._check_attached()
+                for uid in dict.fromkeys(uids):
+                    item = self._stage_copy_locked(uid, target)
+                    if item is not None:
+                        staged.append(item)
+                if not staged:
+                    return []
+                new_uids = target._commit_locked(
+                    [(path, base, flags) for _, path, base, flags in staged]
+                )
+                self._expunge_locked([item[0] for item in staged])
+        finally:
+            for _, path, _, _ in staged:
+                unlink_quietly(path)
+        _log.info(
+            "moved {count} messages from {mailbox} to {target}",
             count=len(new_uids),
             mailbox=self.name,
             target=target.name,
