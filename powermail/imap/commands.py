@@ -58,6 +58,10 @@ _AUTHED = (AUTHENTICATED, SELECTED)
 # batch waits until the client has read the last.
 FETCH_BATCH = 100
 FETCH_BATCH_OCTETS = 1024 * 1024
+# One message's response is made whole, so its size is bounded by the
+# number of content items a FETCH may ask for (repeats count once).
+MAX_FETCH_SECTIONS = 20
+_NO_CONTENT = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"}
 _SYSTEM = {flag.upper(): flag for flag in SYSTEM_FLAGS}
 _UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (their UID forms may).
@@ -110,41 +114,46 @@ def compact_set(numbers: Iterable[int]) -> str:
 class ListPattern:
     """A LIST pattern: ``*`` matches anything, ``%`` anything but ``.``.
 
-    Matching runs the pattern as a set of positions over the name, so it
-    takes time in proportion to their lengths' product, whatever the
-    wildcards (a backtracking regular expression could take seconds).
+    Matching keeps the set of pattern positions reached as the bits of one
+    integer (a shift-and automaton), so it takes time in proportion to the
+    name's length, whatever the wildcards; a backtracking regular
+    expression could take seconds on ``*a*a*a*a*ab``.
     """
 
     def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
+        # A run of wildcards means "*" if it holds one, else "%".
+        compact: list[str] = []
+        for char in pattern:
+            if compact and char in "*%" and compact[-1] in "*%":
+                if char == "*":
+                    compact[-1] = "*"
+                continue
+            compact.append(char)
+        self.pattern = "".join(compact)
+        self._star = self._percent = 0
+        self._literal: dict[str, int] = {}
+        for i, char in enumerate(compact):
+            if char == "*":
+                self._star |= 1 << i
+            elif char == "%":
+                self._percent |= 1 << i
+            else:
+                self._literal[char] = self._literal.get(char, 0) | 1 << i
+        self._wild = self._star | self._percent
+        self._accept = 1 << len(compact)
 
     def fullmatch(self, name: str) -> bool:
-        pattern = self.pattern
-        states = self._closure({0})
+        wild = self._wild
+        states = 1
+        states |= (states & wild) << 1
         for char in name:
-            following = set()
-            for i in states:
-                if i == len(pattern):
-                    continue
-                wanted = pattern[i]
-                if wanted == "*" or (wanted == "%" and char != SEPARATOR):
-                    following.add(i)
-                elif wanted == char:
-                    following.add(i + 1)
-            if not following:
+            stay = states & (self._star if char == SEPARATOR else wild)
+            states = stay | (states & self._literal.get(char, 0)) << 1
+            # A wildcard may also match nothing: the next position is live.
+            states |= (states & wild) << 1
+            if not states:
                 return False
-            states = self._closure(following)
-        return len(pattern) in states
-
-    def _closure(self, states: set[int]) -> set[int]:
-        # A wildcard may also match nothing: its next position is live too.
-        pattern = self.pattern
-        out = set(states)
-        for i in sorted(states):
-            while i < len(pattern) and pattern[i] in "*%":
-                i += 1
-                out.add(i)
-        return out
+        return bool(states & self._accept)
 
 
 def list_pattern(pattern: str) -> ListPattern:
@@ -677,9 +686,14 @@ class Commands:
         if view is not None:
 
             def tell(snapshot) -> None:
-                if self.selected is view and not self.proto.closed:
-                    for line in view.catch_up(snapshot, allow_expunge=True):
-                        self.proto.send(line)
+                if self.selected is not view or self.proto.closed:
+                    return
+                if snapshot is None:
+                    self._deselect()
+                    self.proto.close(b"* BYE The selected mailbox was deleted\r\n")
+                    return
+                for line in view.catch_up(snapshot, allow_expunge=True):
+                    self.proto.send(line)
 
             notifier.watch(view.folder, self.proto.session_id, tell)
         try:
@@ -777,8 +791,12 @@ class Commands:
         cursor.space()
         uids = self._numbers(cursor, uid)
         cursor.space()
-        items = cursor.fetch_items()
+        items = _distinct(cursor.fetch_items())
         cursor.expect_end()
+        if sum(1 for i in items if i.name not in _NO_CONTENT) > MAX_FETCH_SECTIONS:
+            raise ImapError(
+                f"At most {MAX_FETCH_SECTIONS} sections in one FETCH", code="LIMIT"
+            )
         view = self._view()
         set_seen = not view.readonly and any(sets_seen(i) for i in items)
         missing = False
@@ -835,9 +853,13 @@ class Commands:
             entry = now.get(u)
             if entry is None:
                 continue
-            view.note_flags(u, entry.flags)
             if silent:
+                # The client takes its own change as done; what another
+                # session changed at the same moment it is still told of,
+                # by the catch-up after this command.
+                view.note_flags(u, update(view.flags.get(u, entry.flags)))
                 continue
+            view.note_flags(u, entry.flags)
             seq = view.seq_of(u)
             shown = format_flags(entry.flags, recent=view.is_recent(u))
             uid_part = f"UID {u} " if uid else ""
@@ -909,6 +931,18 @@ _STATES: dict[str, tuple[str, ...]] = {
     "COPY": (SELECTED,),
     "MOVE": (SELECTED,),
 }
+
+
+def _distinct(items: list[FetchItem]) -> list[FetchItem]:
+    """The fetch items with repeats left out (each is answered once)."""
+    seen: set[tuple] = set()
+    out = []
+    for item in items:
+        key = (item.name, item.peek, item.label)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def _stored_flags(flags: list[str]) -> frozenset[str]:

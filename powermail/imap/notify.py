@@ -16,13 +16,14 @@ from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from powermail.storage.maildirpp import Folder, Snapshot
+from powermail.storage.maildirpp import Folder, FolderError, Snapshot
 
 __all__ = ["FolderNotifier"]
 
 _log = Logger()
 
-Listener = Callable[[Snapshot], None]
+# Called with the new snapshot, or None once the folder is gone.
+Listener = Callable[[Snapshot | None], None]
 
 
 class FolderNotifier:
@@ -81,4 +82,8 @@ class FolderNotifier:
             listener(snapshot)
 
     def _failed(self, failure: Any, folder: Folder) -> None:
+        if failure.check(FolderError) and failure.value.code == "NONEXISTENT":
+            # Deleted or renamed: its idlers are told there is nothing left.
+            self._tell(folder, None)
+            return
         _log.failure("could not sync {mailbox}", failure, mailbox=folder.name)

@@ -906,16 +906,25 @@ class Folder:
             ) from None
         new = _stat_or_none(self.path / "new")
         uidlist = _stat_or_none(self.path / _UIDLIST)
+        # A keyword renamed in dovecot-keywords changes the flags of every
+        # file with its letter, though no file changes.
+        keywords = _stat_or_none(self.path / _KEYWORDS)
         return (
             cur,
             0 if new is None else new.st_mtime_ns,
             _file_stamp(uidlist),
+            _file_stamp(keywords),
         )
 
     def _sync_locked(self, *, move_new: bool, force: bool = False) -> Snapshot:
         self._check_attached()
         stamp = self._dir_stamp()
-        newest = max(stamp[0], stamp[1], stamp[2][2] if stamp[2] else 0)
+        newest = max(
+            stamp[0],
+            stamp[1],
+            stamp[2][2] if stamp[2] else 0,
+            stamp[3][2] if stamp[3] else 0,
+        )
         pending_new = move_new and any(d == "new" for d, _ in self._files.values())
         if (
             not force
