@@ -306,8 +306,21 @@ class Commands:
             )
         else:
             snapshot = view.folder.snapshot
+        if snapshot.uidvalidity != view.uidvalidity:
+            self._uidvalidity_changed(view)
         for line in view.catch_up(snapshot, allow_expunge=allow_expunge):
             self.proto.send(line)
+
+    def _uidvalidity_changed(self, view: SelectedMailbox) -> None:
+        """The folder's UIDs were given anew (its uidlist was lost): a
+        client holding the old ones must not go on (RFC 3501 2.3.1.1)."""
+        _log.warn(
+            "UIDVALIDITY of {mailbox} changed under a session",
+            mailbox=view.folder.name,
+        )
+        self._deselect()
+        self.proto.close(b"* BYE The mailbox's UIDs changed; please reconnect\r\n")
+        raise ConnectionError("UIDVALIDITY changed")
 
     def _reply_for(self, tag: str, name: str, exc: Exception) -> None:
         """The one place a failure becomes a tagged reply."""
@@ -692,6 +705,11 @@ class Commands:
                     self._deselect()
                     self.proto.close(b"* BYE The selected mailbox was deleted\r\n")
                     return
+                if snapshot.uidvalidity != view.uidvalidity:
+                    try:
+                        self._uidvalidity_changed(view)
+                    except ConnectionError:
+                        return
                 for line in view.catch_up(snapshot, allow_expunge=True):
                     self.proto.send(line)
 
@@ -801,11 +819,12 @@ class Commands:
         set_seen = not view.readonly and any(sets_seen(i) for i in items)
         missing = False
         seen_now: set[int] = set()
+        too_big: set[int] = set()
         start = 0
         while start < len(uids):
             batch = uids[start : start + FETCH_BATCH]
             lines, told, gone, done = await self.run_blocking(
-                _fetch_batch, view, batch, items, set_seen, uid, seen_now
+                _fetch_batch, view, batch, items, set_seen, uid, seen_now, too_big
             )
             start += done
             missing = missing or gone
@@ -816,6 +835,11 @@ class Commands:
             if told:
                 self.proto.factory.notifier.changed(view.folder)
             await self.proto.writable()
+        if too_big:
+            return (
+                f"NO [LIMIT] {len(too_big)} messages were left out: the sections"
+                " asked for add up to far more than the message; ask for fewer"
+            )
         if missing:
             return "NO [EXPUNGEISSUED] Some of the requested messages no longer exist"
         return "OK Fetch completed."
@@ -933,6 +957,24 @@ _STATES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _heavy(item: FetchItem) -> bool:
+    """Whether an item may be as large as the message (not a header)."""
+    if item.name in ("RFC822", "RFC822.TEXT"):
+        return True
+    return item.name == "BODY[]" and not item.kind.startswith(("HEADER", "MIME"))
+
+
+# One message's response is made in memory: its sections may add up to
+# twice the message (BODY[] with BODY[TEXT], say) and a megabyte more.
+_SECTIONS_BUDGET = 1024 * 1024
+
+
+def _too_big(folder, entry, heavy: list[FetchItem]) -> bool:
+    size = entry.vsize if entry.vsize is not None else folder.message_size(entry.uid)
+    total = sum(min(i.partial[1], size) if i.partial else size for i in heavy)
+    return total > 2 * size + _SECTIONS_BUDGET
+
+
 def _distinct(items: list[FetchItem]) -> list[FetchItem]:
     """The fetch items with repeats left out (each is answered once)."""
     seen: set[tuple] = set()
@@ -985,6 +1027,7 @@ def _fetch_batch(
     set_seen: bool,
     with_uid: bool,
     seen_now: set[int],
+    too_big: set[int],
 ) -> tuple[list[bytes], list[tuple[int, frozenset[str]]], bool, int]:
     """FETCH responses for the first of ``uids``, made in a worker thread.
 
@@ -995,6 +1038,9 @@ def _fetch_batch(
     """
     folder = view.folder
     current = folder.snapshot.by_uid()
+    heavy = [i for i in items if _heavy(i)]
+    if len(heavy) < 2:
+        heavy = []
     if set_seen:
         snapshot, changed = folder.update_flags(uids, lambda have: have | {"\\Seen"})
         current = snapshot.by_uid()
@@ -1013,6 +1059,9 @@ def _fetch_batch(
         seq = view.seq_of(u)
         if entry is None or seq is None:
             gone = True
+            continue
+        if heavy and _too_big(folder, entry, heavy):
+            too_big.add(u)
             continue
         try:
             lines.append(

@@ -599,6 +599,11 @@ class Folder:
         """A fresh path in ``tmp/`` to write a message into, for :meth:`append`."""
         tmp = self.path / "tmp"
         if not tmp.is_dir():
+            # Never made again here: the folder may have just been deleted
+            # or renamed, and a lone tmp/ would look like a folder.
+            self._check_attached()
+            if not (self.path / "cur").is_dir():
+                raise FolderError("The folder no longer exists.", code="NONEXISTENT")
             os.makedirs(tmp, mode=0o700, exist_ok=True)
         return tmp / maildir_name()
 
@@ -618,7 +623,14 @@ class Folder:
         data_path = Path(data_path)
         if os.path.realpath(data_path.parent) != os.path.realpath(self.path / "tmp"):
             raise ValueError("append takes a file in the folder's own tmp/")
-        with open(data_path, "rb") as file:
+        try:
+            file = open(data_path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            # Deleted or renamed with the folder it was written into.
+            raise FolderError(
+                "The folder no longer exists.", code="NONEXISTENT"
+            ) from None
+        with file:
             size, vsize = _count_vsize(file)
             # Mail is private to its owner, however the caller made the file.
             os.fchmod(file.fileno(), 0o600)
@@ -1329,7 +1341,13 @@ class Folder:
                 names = []
                 for path, base, flags in items:
                     name = self._flagged_name(base, flags)
-                    os.link(path, self.path / "cur" / name)
+                    try:
+                        os.link(path, self.path / "cur" / name)
+                    except FileNotFoundError:
+                        # The folder was deleted or renamed meanwhile.
+                        raise FolderError(
+                            "The folder no longer exists.", code="NONEXISTENT"
+                        ) from None
                     linked.append(self.path / "cur" / name)
                     names.append((base, name))
                 fsync_directory(self.path / "cur")
