@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from powermail import __version__
 from powermail.imap.auth import IMailUser, MailUser
-from powermail.imap.fetch import fetch_response, sets_seen
+from powermail.imap.fetch import ResponseTooLargeError, fetch_response, sets_seen
 from powermail.imap.parser import Cursor, FetchItem, Literal, ParseError
 from powermail.imap.search import search
 from powermail.imap.selected import SelectedMailbox, format_flags
@@ -837,8 +837,8 @@ class Commands:
             await self.proto.writable()
         if too_big:
             return (
-                f"NO [LIMIT] {len(too_big)} messages were left out: the sections"
-                " asked for add up to far more than the message; ask for fewer"
+                "NO [LIMIT] Some messages were left out: the sections asked for"
+                " add up to far more than the message; ask for fewer at once"
             )
         if missing:
             return "NO [EXPUNGEISSUED] Some of the requested messages no longer exist"
@@ -957,24 +957,6 @@ _STATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _heavy(item: FetchItem) -> bool:
-    """Whether an item may be as large as the message (not a header)."""
-    if item.name in ("RFC822", "RFC822.TEXT"):
-        return True
-    return item.name == "BODY[]" and not item.kind.startswith(("HEADER", "MIME"))
-
-
-# One message's response is made in memory: its sections may add up to
-# twice the message (BODY[] with BODY[TEXT], say) and a megabyte more.
-_SECTIONS_BUDGET = 1024 * 1024
-
-
-def _too_big(folder, entry, heavy: list[FetchItem]) -> bool:
-    size = entry.vsize if entry.vsize is not None else folder.message_size(entry.uid)
-    total = sum(min(i.partial[1], size) if i.partial else size for i in heavy)
-    return total > 2 * size + _SECTIONS_BUDGET
-
-
 def _distinct(items: list[FetchItem]) -> list[FetchItem]:
     """The fetch items with repeats left out (each is answered once)."""
     seen: set[tuple] = set()
@@ -1038,9 +1020,6 @@ def _fetch_batch(
     """
     folder = view.folder
     current = folder.snapshot.by_uid()
-    heavy = [i for i in items if _heavy(i)]
-    if len(heavy) < 2:
-        heavy = []
     if set_seen:
         snapshot, changed = folder.update_flags(uids, lambda have: have | {"\\Seen"})
         current = snapshot.by_uid()
@@ -1060,9 +1039,6 @@ def _fetch_batch(
         if entry is None or seq is None:
             gone = True
             continue
-        if heavy and _too_big(folder, entry, heavy):
-            too_big.add(u)
-            continue
         try:
             lines.append(
                 line := fetch_response(
@@ -1077,6 +1053,9 @@ def _fetch_batch(
             )
         except FolderError:
             gone = True
+            continue
+        except ResponseTooLargeError:
+            too_big.add(u)
             continue
         octets += len(line)
         if u in seen_now or any(i.name == "FLAGS" for i in items):

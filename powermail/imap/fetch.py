@@ -14,7 +14,20 @@ from powermail.imap.parser import FetchItem
 from powermail.imap.selected import format_flags
 from powermail.storage.maildirpp import Entry, Folder
 
-__all__ = ["fetch_response", "sets_seen", "internal_date", "needs_content"]
+__all__ = [
+    "ResponseTooLargeError",
+    "fetch_response",
+    "sets_seen",
+    "internal_date",
+    "needs_content",
+]
+
+SECTIONS_BUDGET = 1024 * 1024
+
+
+class ResponseTooLargeError(Exception):
+    """The sections asked of one message add up to far more than it."""
+
 
 _WITHOUT_CONTENT = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"}
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
@@ -83,10 +96,18 @@ def fetch_response(
         message = Message(folder.read_header(entry.uid))
     parts: list[bytes] = []
     names = {item.name for item in items}
+    # The response is made in memory: its sections may add up to twice the
+    # message (BODY[] with BODY[TEXT], say) and a megabyte more.
+    budget = 2 * message.size + SECTIONS_BUDGET if message is not None else None
+    total = 0
     if with_uid and "UID" not in names:
         parts.append(b"UID %d" % entry.uid)
     for item in items:
-        parts.append(_item(folder, entry, item, message, recent, whole))
+        part = _item(folder, entry, item, message, recent, whole)
+        total += len(part)
+        if budget is not None and total > budget:
+            raise ResponseTooLargeError(entry.uid)
+        parts.append(part)
     if with_flags and "FLAGS" not in names:
         parts.append(b"FLAGS " + format_flags(entry.flags, recent=recent).encode())
     return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))

@@ -388,6 +388,13 @@ class _DotLock:
             os.fsync(fd)
             st = os.fstat(fd)
             os.rename(self.path, self.target)
+        except FileNotFoundError:
+            os.close(fd)
+            unlink_quietly(self.path)
+            # The folder was deleted or renamed while we held its lock.
+            raise FolderError(
+                "The folder no longer exists.", code="NONEXISTENT"
+            ) from None
         except BaseException:
             os.close(fd)
             unlink_quietly(self.path)
