@@ -281,7 +281,9 @@ class Commands:
                     # Another session deleted or renamed the folder: there
                     # is no way to tell the client its messages are gone.
                     self._deselect()
-                    self.proto.close(b"* BYE The selected mailbox was deleted\r\n")
+                    self.proto.close(
+                        b"* BYE The selected mailbox was deleted or renamed\r\n"
+                    )
                     return
             text = (
                 await handler(tag, cursor, uid) if uid else await handler(tag, cursor)
@@ -703,7 +705,9 @@ class Commands:
                     return
                 if snapshot is None:
                     self._deselect()
-                    self.proto.close(b"* BYE The selected mailbox was deleted\r\n")
+                    self.proto.close(
+                        b"* BYE The selected mailbox was deleted or renamed\r\n"
+                    )
                     return
                 if snapshot.uidvalidity != view.uidvalidity:
                     try:

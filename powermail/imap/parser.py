@@ -123,9 +123,6 @@ class SequenceSet:
         index = bisect_right(spans, (number, _NO_END)) - 1
         return index >= 0 and spans[index][0] <= number <= spans[index][1]
 
-    def uses_star(self) -> bool:
-        return any(None in r for r in self.ranges)
-
     def __str__(self) -> str:
         def one(n: int | None) -> str:
             return "*" if n is None else str(n)

@@ -16,22 +16,9 @@ from powermail.imap.parser import SearchKey
 from powermail.imap.selected import SelectedMailbox
 from powermail.storage.maildirpp import Entry, FolderError
 
-__all__ = ["needs_content", "search"]
+__all__ = ["needs_body", "search"]
 
 _BODY_KEYS = {"BODY", "TEXT"}
-_CONTENT_KEYS = {
-    "BCC",
-    "BODY",
-    "CC",
-    "FROM",
-    "HEADER",
-    "SUBJECT",
-    "TEXT",
-    "TO",
-    "SENTBEFORE",
-    "SENTON",
-    "SENTSINCE",
-}
 _FLAG_KEYS = {
     "ANSWERED": ("\\Answered", True),
     "DELETED": ("\\Deleted", True),
@@ -45,10 +32,6 @@ _FLAG_KEYS = {
     "UNSEEN": ("\\Seen", False),
 }
 _DAY = 86400
-
-
-def needs_content(keys: list[SearchKey]) -> bool:
-    return any(k.name in _CONTENT_KEYS or needs_content(k.keys) for k in keys)
 
 
 def needs_body(keys: list[SearchKey]) -> bool:
