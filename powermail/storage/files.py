@@ -5,7 +5,9 @@ Everything here blocks: call it from a worker thread, never the reactor.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,6 +18,7 @@ __all__ = [
     "DirectorySyncs",
     "create_private",
     "fsync_directory",
+    "link_or_copy",
     "unlink_quietly",
     "write_durably",
 ]
@@ -110,6 +113,37 @@ class _GroupSync:
             self._done = max(self._done, covers)
             self._running = False
             self._condition.notify_all()
+
+
+def link_or_copy(
+    source: Path,
+    target: Path,
+    *,
+    through: Path | None = None,
+    mtime: float | None = None,
+) -> None:
+    """Hard-link ``source`` as ``target``; where that cannot be, copy durably.
+
+    The copy is written to ``through`` and renamed to ``target`` when given
+    (so ``target`` never holds a partial file), else straight to
+    ``target``; ``mtime``, if given, becomes the copy's.  The caller fsyncs
+    the folders.
+    """
+    try:
+        os.link(source, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+    written = target if through is None else through
+    with open(source, "rb") as src, create_private(written) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        if mtime is not None:
+            os.utime(dst.fileno(), (mtime, mtime))
+        os.fsync(dst.fileno())
+    if through is not None:
+        os.rename(through, target)
 
 
 def unlink_quietly(path: Any) -> None:

@@ -10,7 +10,6 @@ The file holds the message exactly as given, CRLF line ends included.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import socket
@@ -23,13 +22,19 @@ from twisted.internet.threads import deferToThread
 
 from powermail.storage.files import (
     DirectorySyncs,
-    create_private,
     fsync_directory,
+    link_or_copy,
     unlink_quietly,
 )
 from powermail.storage.spool import SPILL_THRESHOLD, SpoolFile
 
-__all__ = ["MaildirDelivery", "MaildirStore", "fsync_directory", "maildir_name"]
+__all__ = [
+    "MaildirDelivery",
+    "MaildirStore",
+    "ensure_maildir",
+    "fsync_directory",
+    "maildir_name",
+]
 
 _sequence = itertools.count(1)
 RunBlocking = Callable[..., Deferred]
@@ -84,7 +89,7 @@ class MaildirStore:
         """Make sure ``maildir`` exists; list the folders whose entries are new."""
         if maildir in self._ready:
             return []
-        created = _ensure_maildir(maildir)
+        created = ensure_maildir(maildir)
         self._ready.add(maildir)
         return created
 
@@ -97,10 +102,10 @@ class MaildirStore:
         self._syncs.sync(path)
 
 
-def _ensure_maildir(maildir: Path) -> list[Path]:
+def ensure_maildir(maildir: Path) -> list[Path]:
     """Create ``maildir`` with its three folders; list the folders to fsync."""
     created: list[Path] = []
-    if (maildir / "new").is_dir() and (maildir / "tmp").is_dir():
+    if all((maildir / sub).is_dir() for sub in ("cur", "new", "tmp")):
         return created
     missing = []
     parent = maildir
@@ -168,7 +173,8 @@ class MaildirDelivery:
             self._spool.finish_blocking()
             for maildir in self.maildirs:
                 target = maildir / "new" / name
-                _link_or_copy(tmp_path, target)
+                # A copy, if linking fails, goes through this Maildir's tmp/.
+                link_or_copy(tmp_path, target, through=maildir / "tmp" / name)
                 paths.append(target)
             for folder in dict.fromkeys(self._to_sync):
                 fsync_directory(folder)
@@ -188,22 +194,3 @@ class MaildirDelivery:
         """Forget the message; nothing of it stays on disk."""
         self._finished = True
         self._spool.discard()
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        _copy_durably(source, target)
-
-
-def _copy_durably(source: Path, target: Path) -> None:
-    partial = target.parent.parent / "tmp" / target.name
-    with open(source, "rb") as src, create_private(partial) as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.rename(partial, target)

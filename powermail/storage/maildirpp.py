@@ -35,8 +35,13 @@ from typing import BinaryIO
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec)
 from twisted.logger import Logger
 
-from powermail.storage.files import create_private, fsync_directory, unlink_quietly
-from powermail.storage.maildir import maildir_name
+from powermail.storage.files import (
+    create_private,
+    fsync_directory,
+    link_or_copy,
+    unlink_quietly,
+)
+from powermail.storage.maildir import ensure_maildir, maildir_name
 
 __all__ = [
     "SEPARATOR",
@@ -1310,7 +1315,7 @@ class Folder:
                         size, vsize = _count_vsize(file)
                 base = f"{maildir_name()},S={size},W={vsize}"
                 staged = target.tmp_path().with_name(base)
-                _link_or_copy(source, staged, st)
+                link_or_copy(source, staged, mtime=st.st_mtime)
             except FileNotFoundError:
                 if attempt == 0:
                     self._sync_locked(move_new=False, force=True)
@@ -1381,21 +1386,6 @@ class Folder:
         return uids
 
 
-def _link_or_copy(source: Path, target: Path, st: os.stat_result) -> None:
-    """Hard-link ``source`` as ``target``; across file systems, copy durably."""
-    try:
-        os.link(source, target)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-    with open(source, "rb") as src, create_private(target) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-        dst.flush()
-        os.utime(dst.fileno(), (st.st_mtime, st.st_mtime))
-        os.fsync(dst.fileno())
-
-
 # -- the user's mail -------------------------------------------------------------
 
 # Folder creation, removal and renaming in this process, one at a time.
@@ -1438,20 +1428,8 @@ class UserMail:
                 self._set_subscribed(name, True)
 
     def _ensure_root(self) -> None:
-        if all((self.root / sub).is_dir() for sub in ("cur", "new", "tmp")):
-            return
-        missing = []
-        parent = self.root
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for folder in reversed(missing):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(self.root / sub, mode=0o700, exist_ok=True)
-        fsync_directory(self.root)
-        for folder in missing:
-            fsync_directory(folder.parent)
+        for folder in ensure_maildir(self.root):
+            fsync_directory(folder)
 
     def _path(self, name: str) -> Path:
         return self.root if name == "INBOX" else self.root / (SEPARATOR + name)
